@@ -1,0 +1,113 @@
+"""Plain-torch references for the fused ops, written straight from the formulas.
+
+They are the CPU path of fastdiff (and what the Triton kernels are tested against).  Noise
+from a seed is the kernels' noise exactly: ``philox_normal`` re-implements
+``tl.randn(seed, L)`` (Philox-4x32-10, Box-Muller, Triton's uint -> float mapping) in int64
+torch arithmetic, with L the logical (NCHW row-major) element index.  Only torch is imported
+here, so this module works where Triton is not installed.
+
+Arithmetic is fp32 for fp32/bf16/fp16 inputs and fp64 for fp64 inputs (for gradcheck);
+results keep the dtype and memory layout of the first tensor argument.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
+_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
+_N_ROUNDS = 10
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _like(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """y cast to x's dtype and laid out like x."""
+    fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+    return y.to(dtype=x.dtype, memory_format=fmt)
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return (
+        x.dim() == 4
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
+def _per_sample(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """table[t] shaped (B, 1, ..., 1) to broadcast against ``like``, in like's compute dtype."""
+    vals = table.to(_compute_dtype(like))[t]
+    return vals.view(-1, *([1] * (like.dim() - 1)))
+
+
+def philox_normal(seed: int, shape, device=None, start: int = 0) -> torch.Tensor:
+    """fp32 N(0, 1) noise of ``shape``: element L (row-major) is ``tl.randn(seed, start + L)``."""
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    n = 1
+    for s in shape:
+        n *= int(s)
+    offset = torch.arange(start, start + n, dtype=torch.int64, device=device)
+    c0, c1 = offset & _MASK32, (offset >> 32) & _MASK32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(_N_ROUNDS):
+        # 32x32 -> 64-bit products fit the int64 bit pattern (wrapping keeps the low 64 bits).
+        prod_b = c2 * _ROUND_B
+        prod_a = c0 * _ROUND_A
+        c0, c1, c2, c3 = (
+            ((prod_b >> 32) & _MASK32) ^ c1 ^ k0,
+            prod_b & _MASK32,
+            ((prod_a >> 32) & _MASK32) ^ c3 ^ k1,
+            prod_a & _MASK32,
+        )
+        k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
+    u1, u2 = _uint_to_uniform(c0), _uint_to_uniform(c1)
+    u1 = torch.clamp(u1, min=1.0e-7)
+    r = torch.sqrt(-2.0 * torch.log(u1))
+    return (r * torch.cos(u2 * 6.283185307179586)).view(*shape)
+
+
+def _uint_to_uniform(u: torch.Tensor) -> torch.Tensor:
+    """Triton's mapping of a random uint32 to [0, 1): as int32, x < 0 -> ~x, times 2^-31."""
+    x = torch.where(u >= 2**31, u - 2**32, u)
+    x = torch.where(x < 0, ~x, x)
+    return x.to(torch.float32) * 4.6566127342e-10
+
+
+def reference_noise(seed: int, like: torch.Tensor) -> torch.Tensor:
+    """The kernels' eps for a tensor shaped like ``like`` (logical order; layout-independent)."""
+    return philox_normal(seed, like.shape, device=like.device)
+
+
+def q_sample_reference(x, t, sqrt_ac, sqrt_1m_ac, noise):
+    """z_t = sqrt(alpha_t) x + sqrt(1 - alpha_t) eps; x, noise (B, ...), t (B,) int."""
+    cd = _compute_dtype(x)
+    z = _per_sample(sqrt_ac, t, x) * x.to(cd) + _per_sample(sqrt_1m_ac, t, x) * noise.to(cd)
+    return _like(z, x)
+
+
+def noise_loss_reference(pred, noise, weights=None, reduction="mean"):
+    """Mean over all elements of (pred - eps)^2 (or per sample, shape (B,), for "none").
+
+    With weights (B,): per-sample losses are multiplied by weights before the mean.
+    """
+    cd = _compute_dtype(pred)
+    sq = (pred.to(cd) - noise.to(cd)) ** 2
+    per_sample = sq.reshape(sq.shape[0], -1).mean(dim=1)
+    if weights is not None:
+        per_sample = per_sample * weights.to(cd)
+    return per_sample.mean() if reduction == "mean" else per_sample
+
+
+def reverse_step_reference(z, pred, t, coef_z, coef_eps, sigma, noise):
+    """mu = coef_z[t] z - coef_eps[t] pred; z_{t-1} = mu + sigma[t] eps, sigma := 0 at t == 0."""
+    cd = _compute_dtype(z)
+    sig = torch.where(t == 0, torch.zeros_like(sigma[t]), sigma[t]).to(cd)
+    sig = sig.view(-1, *([1] * (z.dim() - 1)))
+    mu = _per_sample(coef_z, t, z) * z.to(cd) - _per_sample(coef_eps, t, z) * pred.to(cd)
+    return _like(mu + sig * noise.to(cd), z)

@@ -1,0 +1,182 @@
+"""Each Triton kernel (under the interpreter on CPU) against its torch reference.
+
+fp32 results must agree to ~1e-6 relative; bf16/fp16 to one rounding step of the output dtype
+(helpers.TOLERANCE).  Every shape, dtype and layout goes through the public ops in
+fastdiff.ops with FASTDIFF_BACKEND forced to each backend in turn.
+"""
+
+import itertools
+import zlib
+
+import pytest
+import torch
+from helpers import SHAPES, TOLERANCE, is_layout, with_layout
+
+from fastdiff import NoiseSchedule, ops
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+LAYOUTS = ["contiguous", "channels_last"]
+SCHEDULE = NoiseSchedule.linear(1000)
+
+
+def both_backends(monkeypatch, fn):
+    """(triton result, reference result) of fn()."""
+    monkeypatch.setenv("FASTDIFF_BACKEND", "triton")
+    got = fn()
+    monkeypatch.setenv("FASTDIFF_BACKEND", "reference")
+    return got, fn()
+
+
+def inputs(shape, dtype, layout, n=2):
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, dtype, layout)).encode()))
+    tensors = [with_layout(torch.randn(shape, generator=gen).to(dtype), layout) for _ in range(n)]
+    t = torch.randint(0, SCHEDULE.T, (shape[0],), generator=gen)
+    t[0] = 0  # always exercise the final, noise-free step
+    return tensors, t
+
+
+@pytest.mark.parametrize("shape,dtype,layout", list(itertools.product(SHAPES, DTYPES, LAYOUTS)))
+def test_q_sample_explicit_noise(monkeypatch, shape, dtype, layout):
+    (x, noise), t = inputs(shape, dtype, layout)
+    got, want = both_backends(monkeypatch, lambda: ops.q_sample(x, t, SCHEDULE, noise))
+    assert got.dtype == dtype and is_layout(got, layout)
+    torch.testing.assert_close(got, want, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("shape,dtype,layout", list(itertools.product(SHAPES, DTYPES, LAYOUTS)))
+def test_noise_loss_explicit_noise(monkeypatch, shape, dtype, layout):
+    (pred, noise), t = inputs(shape, dtype, layout)
+    weights = torch.rand(shape[0])
+    for reduction, w in [("mean", None), ("none", None), ("mean", weights), ("none", weights)]:
+        got, want = both_backends(
+            monkeypatch,
+            lambda: ops.noise_loss(pred, t, noise=noise, weights=w, reduction=reduction),  # noqa: B023
+        )
+        # Both reduce fp32 squares; only the summation order differs.
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,dtype,layout", list(itertools.product(SHAPES, DTYPES, LAYOUTS)))
+@pytest.mark.parametrize("variance", ["beta", "posterior"])
+def test_reverse_step_explicit_noise(monkeypatch, shape, dtype, layout, variance):
+    (z, pred, noise), t = inputs(shape, dtype, layout, n=3)
+    got, want = both_backends(
+        monkeypatch, lambda: ops.reverse_step(z, pred, t, SCHEDULE, noise, variance=variance)
+    )
+    assert got.dtype == dtype and is_layout(got, layout)
+    torch.testing.assert_close(got, want, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype,layout", list(itertools.product(DTYPES, LAYOUTS)))
+def test_seeded_ops_match_reference_philox(monkeypatch, dtype, layout):
+    """In-kernel Philox noise equals the reference's torch Philox (up to log/cos rounding)."""
+    (x, pred), t = inputs((3, 3, 7, 5), dtype, layout)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else TOLERANCE[dtype]
+    got, want = both_backends(monkeypatch, lambda: ops.q_sample(x, t, SCHEDULE, seed=1234))
+    torch.testing.assert_close(got, want, **tol)
+    got, want = both_backends(monkeypatch, lambda: ops.reverse_step(x, pred, t, SCHEDULE, seed=99))
+    torch.testing.assert_close(got, want, **tol)
+    got, want = both_backends(monkeypatch, lambda: ops.noise_loss(pred, t, seed=5))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_layouts_and_dtypes(monkeypatch):
+    """pred channels_last against contiguous z, bf16 pred against fp32 z: result follows z."""
+    (z, pred, noise), t = inputs((4, 3, 6, 5), torch.float32, "contiguous", n=3)
+    pred_cl = with_layout(pred, "channels_last").bfloat16()
+    got, want = both_backends(monkeypatch, lambda: ops.reverse_step(z, pred_cl, t, SCHEDULE, noise))
+    assert got.dtype == torch.float32 and got.is_contiguous()
+    torch.testing.assert_close(got, want, **TOLERANCE[torch.float32])
+
+
+def test_non_dense_input_is_accepted(monkeypatch):
+    (x, noise), t = inputs((3, 2, 8, 8), torch.float32, "contiguous")
+    x_strided = x[:, :, ::2, ::2]
+    noise = noise[:, :, :4, :4]
+    got, want = both_backends(monkeypatch, lambda: ops.q_sample(x_strided, t, SCHEDULE, noise))
+    torch.testing.assert_close(got, want, **TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gradients_match_reference_autograd(monkeypatch, layout):
+    (x, pred, noise), t = inputs((4, 3, 5, 7), torch.float32, layout, n=3)
+    weights = torch.rand(4)
+
+    def grads(seeded):
+        xs = x.clone().requires_grad_()
+        ps = pred.clone().requires_grad_()
+        kw = dict(seed=11) if seeded else dict(noise=noise)
+        z = ops.q_sample(xs, t, SCHEDULE, **kw)
+        loss = ops.noise_loss(ps, t, weights=weights, **kw) + (z * z).sum()
+        loss.backward()
+        return xs.grad, ps.grad
+
+    for seeded in (False, True):
+        got, want = both_backends(monkeypatch, lambda: grads(seeded))  # noqa: B023
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+        assert is_layout(got[1], layout)
+
+
+def test_per_sample_loss_backward(monkeypatch):
+    (pred, noise), t = inputs((5, 2, 3, 4), torch.float32, "contiguous")
+    upstream = torch.randn(5)
+
+    def grad():
+        p = pred.clone().requires_grad_()
+        (ops.noise_loss(p, t, noise=noise, reduction="none") * upstream).sum().backward()
+        return p.grad
+
+    got, want = both_backends(monkeypatch, grad)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_reverse_step_gradients(monkeypatch):
+    (z, pred, noise), t = inputs((3, 2, 4, 4), torch.float32, "contiguous", n=3)
+
+    def grads():
+        zs, ps = z.clone().requires_grad_(), pred.clone().requires_grad_()
+        ops.reverse_step(zs, ps, t, SCHEDULE, noise).square().sum().backward()
+        return zs.grad, ps.grad
+
+    got, want = both_backends(monkeypatch, grads)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_reverse_step_writes_into_out(monkeypatch, triton_backend):
+    (z, pred, noise), t = inputs((2, 1, 4, 4), torch.float32, "contiguous", n=3)
+    want = ops.reverse_step(z, pred, t, SCHEDULE, noise)
+    buf = z.clone()
+    result = ops.reverse_step(buf, pred, t, SCHEDULE, noise, out=buf)
+    assert result.data_ptr() == buf.data_ptr()
+    torch.testing.assert_close(buf, want)
+
+
+def test_seed_from_device_tensor(triton_backend):
+    (x,), t = inputs((2, 3, 4, 4), torch.float32, "contiguous", n=1)
+    from_int = ops.q_sample(x, t, SCHEDULE, seed=77)
+    from_tensor = ops.q_sample(x, t, SCHEDULE, seed=torch.tensor([77]))
+    assert torch.equal(from_int, from_tensor)
+
+
+def test_empty_batch(triton_backend):
+    x = torch.zeros(0, 3, 4, 4)
+    t = torch.zeros(0, dtype=torch.long)
+    assert ops.q_sample(x, t, SCHEDULE, seed=1).shape == x.shape
+
+
+def test_gradcheck_float64_reference(reference_backend):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 2, 3, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    pred = torch.randn(2, 2, 3, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    noise = torch.randn(2, 2, 3, 3, dtype=torch.float64, generator=gen)
+    t = torch.tensor([0, 500])
+    w = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: ops.q_sample(x, t, SCHEDULE, noise), (x,))
+    assert torch.autograd.gradcheck(lambda p: ops.noise_loss(p, t, noise=noise, weights=w), (pred,))
+    assert torch.autograd.gradcheck(
+        lambda p: ops.noise_loss(p, t, seed=3, reduction="none"), (pred,)
+    )
+    assert torch.autograd.gradcheck(
+        lambda z, p: ops.reverse_step(z, p, t, SCHEDULE, noise), (x, pred)
+    )
