@@ -1,12 +1,27 @@
 """fastdiff: fast Denoising Diffusion Probabilistic Models (Ho et al. 2020).
 
     from fastdiff import train, sample
+    diffusion = train("digits", steps=3000, batch_size=64, out_dir="runs/digits")
+    images = sample(diffusion, 64, seed=0)          # (64, 1, 16, 16) in [-1, 1]
 
 Step indices are 0-based everywhere: ``i = t - 1`` in ``0..T-1`` (see fastdiff.schedule).
 """
 
 from . import ops
+from .diffusion import Diffusion, load, sample
+from .images import save_image_grid
 from .schedule import NoiseSchedule
+from .training import train
+from .unet import UNet
 
-__all__ = ["NoiseSchedule", "ops"]
+__all__ = [
+    "Diffusion",
+    "NoiseSchedule",
+    "UNet",
+    "load",
+    "ops",
+    "sample",
+    "save_image_grid",
+    "train",
+]
 __version__ = "0.1.0"

@@ -274,14 +274,20 @@ def q_sample(
     if backend_for(x) == "reference":
         cd = torch.float64 if x.dtype == torch.float64 else torch.float32
         return ref.q_sample_reference(
-            x, t, schedule.table("sqrt_alphas_cumprod", cd),
-            schedule.table("sqrt_one_minus_alphas_cumprod", cd), _reference_eps(noise, seed, x),
-        )  # fmt: skip
+            x,
+            t,
+            schedule.table("sqrt_alphas_cumprod", cd),
+            schedule.table("sqrt_one_minus_alphas_cumprod", cd),
+            _reference_eps(noise, seed, x),
+        )
     return QSampleFunction.apply(
-        x, noise, t, schedule.table("sqrt_alphas_cumprod"),
+        x,
+        noise,
+        t,
+        schedule.table("sqrt_alphas_cumprod"),
         schedule.table("sqrt_one_minus_alphas_cumprod"),
         None if seed is None else _seed_buffer(seed, x.device),
-    )  # fmt: skip
+    )
 
 
 def noise_loss(
@@ -372,13 +378,23 @@ def reverse_step(
     if backend_for(z_t) == "reference":
         cd = torch.float64 if z_t.dtype == torch.float64 else torch.float32
         result = ref.reverse_step_reference(
-            z_t, pred, t, schedule.table("reverse_coef_z", cd),
-            schedule.table("reverse_coef_eps", cd), schedule.table(VARIANCES[variance], cd),
+            z_t,
+            pred,
+            t,
+            schedule.table("reverse_coef_z", cd),
+            schedule.table("reverse_coef_eps", cd),
+            schedule.table(VARIANCES[variance], cd),
             _reference_eps(noise, seed, z_t),
-        )  # fmt: skip
+        )
         return result if out is None else out.copy_(result)
     return ReverseStepFunction.apply(
-        z_t, pred, noise, t, schedule.table("reverse_coef_z"),
-        schedule.table("reverse_coef_eps"), schedule.table(VARIANCES[variance]),
-        None if seed is None else _seed_buffer(seed, z_t.device), out,
-    )  # fmt: skip
+        z_t,
+        pred,
+        noise,
+        t,
+        schedule.table("reverse_coef_z"),
+        schedule.table("reverse_coef_eps"),
+        schedule.table(VARIANCES[variance]),
+        None if seed is None else _seed_buffer(seed, z_t.device),
+        out,
+    )

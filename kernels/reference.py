@@ -2,9 +2,9 @@
 
 They are the CPU path of fastdiff (and what the Triton kernels are tested against).  Noise
 from a seed is the kernels' noise exactly: ``philox_normal`` re-implements
-``tl.randn(seed, L)`` (Philox-4x32-10, Box-Muller, Triton's uint -> float mapping) in int64
-torch arithmetic, with L the logical (NCHW row-major) element index.  Only torch is imported
-here, so this module works where Triton is not installed.
+``tl.randn(seed, L)`` (Philox-4x32-10, Box-Muller, Triton's uint -> float mapping) in uint64
+numpy arithmetic, with L the logical (NCHW row-major) element index.  Only torch and numpy are
+imported here, so this module works where Triton is not installed.
 
 Arithmetic is fp32 for fp32/bf16/fp16 inputs and fp64 for fp64 inputs (for gradcheck);
 results keep the dtype and memory layout of the first tensor argument.
@@ -12,6 +12,9 @@ results keep the dtype and memory layout of the first tensor argument.
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 _MASK32 = 0xFFFFFFFF
@@ -45,38 +48,43 @@ def _per_sample(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> tor
 
 
 def philox_normal(seed: int, shape, device=None, start: int = 0) -> torch.Tensor:
-    """fp32 N(0, 1) noise of ``shape``: element L (row-major) is ``tl.randn(seed, start + L)``."""
+    """fp32 N(0, 1) noise of ``shape``: element L (row-major) is ``tl.randn(seed, start + L)``.
+
+    Computed with numpy uint64 arithmetic on the host (about 3x faster than int64 torch ops
+    for the sizes the CPU path sees), then moved to ``device``.
+    """
     seed = int(seed) & 0xFFFFFFFFFFFFFFFF
-    n = 1
-    for s in shape:
-        n *= int(s)
-    offset = torch.arange(start, start + n, dtype=torch.int64, device=device)
-    c0, c1 = offset & _MASK32, (offset >> 32) & _MASK32
-    c2 = torch.zeros_like(c0)
-    c3 = torch.zeros_like(c0)
-    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    n = math.prod(int(s) for s in shape)
+    offset = np.arange(start, start + n, dtype=np.uint64)
+    mask, s32 = np.uint64(_MASK32), np.uint64(32)
+    c0, c1 = offset & mask, offset >> s32
+    c2 = np.zeros_like(c0)
+    c3 = np.zeros_like(c0)
+    k0, k1 = seed & _MASK32, seed >> 32
+    round_a, round_b = np.uint64(_ROUND_A), np.uint64(_ROUND_B)
     for _ in range(_N_ROUNDS):
-        # 32x32 -> 64-bit products fit the int64 bit pattern (wrapping keeps the low 64 bits).
-        prod_b = c2 * _ROUND_B
-        prod_a = c0 * _ROUND_A
+        # 32 x 32-bit products are exact in uint64: high word = mulhi, low word = mullo.
+        prod_b = c2 * round_b
+        prod_a = c0 * round_a
         c0, c1, c2, c3 = (
-            ((prod_b >> 32) & _MASK32) ^ c1 ^ k0,
-            prod_b & _MASK32,
-            ((prod_a >> 32) & _MASK32) ^ c3 ^ k1,
-            prod_a & _MASK32,
+            (prod_b >> s32) ^ c1 ^ np.uint64(k0),
+            prod_b & mask,
+            (prod_a >> s32) ^ c3 ^ np.uint64(k1),
+            prod_a & mask,
         )
         k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
-    u1, u2 = _uint_to_uniform(c0), _uint_to_uniform(c1)
-    u1 = torch.clamp(u1, min=1.0e-7)
-    r = torch.sqrt(-2.0 * torch.log(u1))
-    return (r * torch.cos(u2 * 6.283185307179586)).view(*shape)
+    u1 = np.maximum(_uint_to_uniform(c0), np.float32(1.0e-7))
+    u2 = _uint_to_uniform(c1)
+    r = np.sqrt(np.float32(-2.0) * np.log(u1))
+    eps = r * np.cos(u2 * np.float32(6.283185307179586))
+    return torch.from_numpy(eps.reshape(tuple(int(s) for s in shape))).to(device)
 
 
-def _uint_to_uniform(u: torch.Tensor) -> torch.Tensor:
+def _uint_to_uniform(u: np.ndarray) -> np.ndarray:
     """Triton's mapping of a random uint32 to [0, 1): as int32, x < 0 -> ~x, times 2^-31."""
-    x = torch.where(u >= 2**31, u - 2**32, u)
-    x = torch.where(x < 0, ~x, x)
-    return x.to(torch.float32) * 4.6566127342e-10
+    x = u.astype(np.uint32).view(np.int32)
+    x = np.where(x < 0, ~x, x)
+    return x.astype(np.float32) * np.float32(4.6566127342e-10)
 
 
 def reference_noise(seed: int, like: torch.Tensor) -> torch.Tensor:

@@ -34,20 +34,47 @@ SCALARS = {"n_per": "i32", "C": "i32", "HW": "i32", "blocks_per_sample": "i32"}
 CONSTEXPRS = ("BLOCK", "CHANNELS_LAST", "NOISE_FROM_SEED")
 # Pointer arguments: "img" takes the image dtype; the rest are fixed.
 KERNELS = {
-    "q_sample": (q_sample_kernel, {"x_ptr": "img", "noise_ptr": "img", "out_ptr": "img",
-                                   "t_ptr": "*i64", "sqrt_ac_ptr": "*fp32",
-                                   "sqrt_1m_ac_ptr": "*fp32", "seed_ptr": "*i64"}),
-    "noise_loss_fwd": (noise_loss_fwd_kernel, {"pred_ptr": "img", "noise_ptr": "img",
-                                               "partial_ptr": "*fp32", "seed_ptr": "*i64"}),
-    "noise_loss_bwd": (noise_loss_bwd_kernel, {"pred_ptr": "img", "noise_ptr": "img",
-                                               "grad_ptr": "img", "scale_ptr": "*fp32",
-                                               "seed_ptr": "*i64"}),
-    "reverse_step": (reverse_step_kernel, {"z_ptr": "img", "pred_ptr": "img",
-                                           "noise_ptr": "img", "out_ptr": "img",
-                                           "t_ptr": "*i64", "coef_z_ptr": "*fp32",
-                                           "coef_eps_ptr": "*fp32", "sigma_ptr": "*fp32",
-                                           "seed_ptr": "*i64"}),
-}  # fmt: skip
+    "q_sample": (
+        q_sample_kernel,
+        {
+            "x_ptr": "img",
+            "noise_ptr": "img",
+            "out_ptr": "img",
+            "t_ptr": "*i64",
+            "sqrt_ac_ptr": "*fp32",
+            "sqrt_1m_ac_ptr": "*fp32",
+            "seed_ptr": "*i64",
+        },
+    ),
+    "noise_loss_fwd": (
+        noise_loss_fwd_kernel,
+        {"pred_ptr": "img", "noise_ptr": "img", "partial_ptr": "*fp32", "seed_ptr": "*i64"},
+    ),
+    "noise_loss_bwd": (
+        noise_loss_bwd_kernel,
+        {
+            "pred_ptr": "img",
+            "noise_ptr": "img",
+            "grad_ptr": "img",
+            "scale_ptr": "*fp32",
+            "seed_ptr": "*i64",
+        },
+    ),
+    "reverse_step": (
+        reverse_step_kernel,
+        {
+            "z_ptr": "img",
+            "pred_ptr": "img",
+            "noise_ptr": "img",
+            "out_ptr": "img",
+            "t_ptr": "*i64",
+            "coef_z_ptr": "*fp32",
+            "coef_eps_ptr": "*fp32",
+            "sigma_ptr": "*fp32",
+            "seed_ptr": "*i64",
+        },
+    ),
+}
 
 
 def compile_kernel(name, dtype, cap, channels_last, from_seed, block=1024):
@@ -76,8 +103,9 @@ def resource_usage(cubin: bytes) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([tool, "--dump-resource-usage", f.name],
-                             capture_output=True, text=True).stdout  # fmt: skip
+        out = subprocess.run(
+            [tool, "--dump-resource-usage", f.name], capture_output=True, text=True
+        ).stdout
     found = {k: re.search(rf"{k}:(\d+)", out) for k in ("REG", "STACK")}
     return {k.lower(): int(m.group(1)) for k, m in found.items() if m}
 

@@ -80,8 +80,9 @@ def test_layout_independent():
 
 
 def test_kernel_noise_is_reference_philox():
-    torch.testing.assert_close(kernel_eps(31, (2, 3, 5, 4)), philox_normal(31, (2, 3, 5, 4)),
-                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    torch.testing.assert_close(
+        kernel_eps(31, (2, 3, 5, 4)), philox_normal(31, (2, 3, 5, 4)), rtol=1e-5, atol=1e-5
+    )
 
 
 @triton.jit

@@ -1,0 +1,197 @@
+"""Checkpoints on disk: safetensors weights, a JSON config, the resumable training state.
+
+A checkpoint is a directory::
+
+    model.safetensors   the trained weights
+    ema.safetensors     their exponential moving average (what sampling uses by default)
+    config.json         model class + constructor config, schedule, training config, step,
+                        and the size and SHA-256 of every other file (truncation is detected)
+    state.pt            optional: optimizer, grad scaler, RNG states, data order (resume)
+
+Runs keep them under ``<out>/checkpoints/step_XXXXXXXX`` with a ``latest.json`` pointer.
+Writes are atomic: files go to a temporary sibling directory, are fsynced, and the directory
+is renamed into place; then ``latest.json`` is replaced (temp file + os.replace).  A run killed
+at any moment leaves the previous checkpoint intact and pointed to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointError
+
+FORMAT_VERSION = 1
+CONFIG, MODEL, EMA, STATE = "config.json", "model.safetensors", "ema.safetensors", "state.pt"
+LATEST = "latest.json"
+CHECKPOINTS_DIR = "checkpoints"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see the old file or the new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _weights(module_state: dict) -> dict:
+    """A state_dict as contiguous CPU tensors that safetensors accepts (no shared storage)."""
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in module_state.items()}
+
+
+def write_checkpoint(
+    directory: str | Path,
+    *,
+    model_state: dict,
+    ema_state: dict | None,
+    config: dict,
+    train_state: dict | None = None,
+) -> Path:
+    """Atomically create the checkpoint directory ``directory`` (replacing an old one)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
+    try:
+        save_file(_weights(model_state), str(tmp / MODEL))
+        if ema_state is not None:
+            save_file(_weights(ema_state), str(tmp / EMA))
+        if train_state is not None:
+            buf = io.BytesIO()
+            torch.save(train_state, buf)
+            (tmp / STATE).write_bytes(buf.getvalue())
+        files = {}
+        for p in sorted(tmp.iterdir()):
+            _fsync(p)
+            files[p.name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        meta = dict(config, format_version=FORMAT_VERSION, files=files)
+        (tmp / CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        _fsync(tmp / CONFIG)
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def save_run_checkpoint(out_dir: str | Path, step: int, keep: int = 2, **contents) -> Path:
+    """Write ``<out>/checkpoints/step_<step>``, point latest.json at it, keep the last ``keep``."""
+    root = Path(out_dir) / CHECKPOINTS_DIR
+    path = write_checkpoint(root / f"step_{step:08d}", **contents)
+    atomic_write_bytes(root / LATEST, json.dumps({"step": step, "path": path.name}).encode())
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for old in steps[:-keep] if keep > 0 else []:
+        if old != path:
+            shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """The checkpoint directory that ``path`` names: a checkpoint itself, a checkpoints folder
+    (its latest.json, else its newest step), or a run's output directory containing one."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint: {str(path)!r} does not exist")
+    if (path / CONFIG).is_file():
+        return path
+    for root in (path, path / CHECKPOINTS_DIR):
+        pointer = root / LATEST
+        if pointer.is_file():
+            try:
+                target = root / json.loads(pointer.read_text())["path"]
+            except (ValueError, KeyError) as exc:
+                raise CheckpointError(f"checkpoint: {str(pointer)!r} is unreadable") from exc
+            if (target / CONFIG).is_file():
+                return target
+        steps = sorted(p for p in root.glob("step_*") if (p / CONFIG).is_file())
+        if steps:
+            return steps[-1]
+    raise CheckpointError(
+        f"checkpoint: no checkpoint found in {str(path)!r} (expected {CONFIG}, {LATEST} or"
+        f" {CHECKPOINTS_DIR}/)"
+    )
+
+
+def read_config(directory: Path) -> dict:
+    try:
+        config = json.loads((directory / CONFIG).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint: {str(directory / CONFIG)!r} is unreadable") from exc
+    if config.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint: {str(directory)!r} has format version {config.get('format_version')},"
+            f" this fastdiff reads version {FORMAT_VERSION}"
+        )
+    return config
+
+
+def verify_files(directory: Path, config: dict, names) -> None:
+    """Check the listed files against the sizes and hashes recorded at write time."""
+    for name in names:
+        entry = config["files"].get(name)
+        path = directory / name
+        if entry is None:
+            raise CheckpointError(f"checkpoint: {str(directory)!r} has no {name}")
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint: {str(path)!r} is missing")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise CheckpointError(
+                f"checkpoint: {str(path)!r} is truncated or altered ({size} bytes,"
+                f" expected {entry['bytes']})"
+            )
+        if _sha256(path) != entry["sha256"]:
+            raise CheckpointError(f"checkpoint: {str(path)!r} is corrupted (SHA-256 mismatch)")
+
+
+def load_weights(directory: Path, name: str, device="cpu") -> dict:
+    try:
+        return load_file(str(directory / name), device=str(device))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"checkpoint: cannot read {str(directory / name)!r}: {exc}") from exc
+
+
+def load_train_state(directory: Path) -> dict:
+    try:
+        return torch.load(directory / STATE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a damaged pickle/zip
+        raise CheckpointError(f"checkpoint: cannot read {str(directory / STATE)!r}: {exc}") from exc

@@ -1,0 +1,222 @@
+"""A trained diffusion model: the denoiser, its EMA weights, the schedule and the config.
+
+``fastdiff.train`` returns a Diffusion, ``fastdiff.load`` rebuilds one from a checkpoint, and
+``fastdiff.sample`` / ``Diffusion.sample`` draw images from it.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .errors import CheckpointError
+from .precision import resolve_channels_last, resolve_device, resolve_precision
+from .sampling import Sampler, check_sample_args, run_sampler
+from .schedule import NoiseSchedule
+from .unet import UNet
+
+
+class Diffusion:
+    """The denoiser g(z, t) (and its EMA copy), the NoiseSchedule, and how it was trained.
+
+    Attributes:
+        model: the trained nn.Module, forward(z, t) -> predicted eps.
+        ema_model: the exponential moving average of model's weights, or None.
+        schedule: the NoiseSchedule it was trained with (on the model's device).
+        image_shape: (C, H, W) of the images it generates.
+        config: JSON-serialisable record of the model, schedule and training settings.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        schedule: NoiseSchedule,
+        image_shape: tuple[int, int, int],
+        *,
+        ema_model: nn.Module | None = None,
+        config: dict | None = None,
+    ):
+        self.model = model
+        self.ema_model = ema_model
+        self.schedule = schedule.to(self.device)
+        self.image_shape = tuple(int(s) for s in image_shape)
+        self.config = dict(config or {})
+
+    @property
+    def device(self) -> torch.device:
+        p = next(self.model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def to(self, device) -> Diffusion:
+        device = torch.device(device)
+        self.model.to(device)
+        if self.ema_model is not None:
+            self.ema_model.to(device)
+        self.schedule = self.schedule.to(device)
+        return self
+
+    def sample(self, n: int, **kwargs) -> torch.Tensor:
+        """``fastdiff.sample(self, n, **kwargs)``."""
+        return sample(self, n, **kwargs)
+
+    def checkpoint_config(self) -> dict:
+        """What config.json records: enough to rebuild this object with ``fastdiff.load``."""
+        model_cfg = getattr(self.model, "config", None)
+        return dict(
+            self.config,
+            model={
+                "class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
+                "config": model_cfg if isinstance(model_cfg, dict) else None,
+            },
+            schedule=self.schedule.config(),
+            image_shape=list(self.image_shape),
+        )
+
+    def save(self, path: str | Path) -> Path:
+        """Write weights, EMA weights and config to the directory ``path`` (atomically)."""
+        return ckpt.write_checkpoint(
+            path,
+            model_state=self.model.state_dict(),
+            ema_state=None if self.ema_model is None else self.ema_model.state_dict(),
+            config=self.checkpoint_config(),
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Diffusion(model={type(self.model).__name__}, image_shape={self.image_shape},"
+            f" schedule={self.schedule!r}, ema={self.ema_model is not None})"
+        )
+
+
+def build_model(config: dict, model: nn.Module | None, where: str) -> nn.Module:
+    """The denoiser described by a checkpoint config (a UNet), or ``model`` for custom classes."""
+    described = config.get("model", {})
+    cls_name = described.get("class", "")
+    if model is not None:
+        return model
+    if cls_name.endswith(".UNet") and described.get("config") is not None:
+        return UNet(**described["config"])
+    raise CheckpointError(
+        f"checkpoint: {where!r} holds a {cls_name or 'custom'} model; pass model= (an instance"
+        " of that class) to fastdiff.load to receive its weights"
+    )
+
+
+def load(path: str | Path, *, model: nn.Module | None = None, device=None) -> Diffusion:
+    """Rebuild a trained Diffusion from a checkpoint directory or a run's output directory.
+
+    Args:
+        path: a checkpoint (with config.json), a ``checkpoints/`` folder, or a training run's
+            output directory (its latest checkpoint is used).
+        model: an instance to load the weights into, needed for models other than UNet.
+        device: where to put it (default: CUDA when available, else CPU).
+    """
+    directory = ckpt.find_checkpoint(path)
+    config = ckpt.read_config(directory)
+    names = [n for n in (ckpt.MODEL, ckpt.EMA) if n in config.get("files", {})]
+    ckpt.verify_files(directory, config, names)
+    device = resolve_device(device)
+    net = build_model(config, model, str(directory))
+    _load_into(net, ckpt.load_weights(directory, ckpt.MODEL), directory)
+    ema = None
+    if ckpt.EMA in names:
+        ema = copy.deepcopy(net)
+        _load_into(ema, ckpt.load_weights(directory, ckpt.EMA), directory)
+        ema.to(device).eval().requires_grad_(False)
+    net.to(device).eval()
+    try:
+        schedule = NoiseSchedule.from_config(config["schedule"])
+        image_shape = tuple(config["image_shape"])
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint: {str(directory)!r} has a bad config: {exc}") from exc
+    keep = {k: v for k, v in config.items() if k not in ("files", "format_version")}
+    return Diffusion(net, schedule.to(device), image_shape, ema_model=ema, config=keep)
+
+
+def _load_into(module: nn.Module, state: dict, directory: Path) -> None:
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(
+            f"checkpoint: {str(directory)!r} does not match the model's configuration: {first}"
+        ) from exc
+
+
+def sample(
+    diffusion_or_path,
+    n: int,
+    *,
+    steps: int | None = None,
+    sampler: str = "ddpm",
+    seed: int | None = None,
+    batch_size: int | None = None,
+    use_ema: bool = True,
+    variance: str = "beta",
+    cuda_graph: bool = True,
+    precision: str | None = None,
+    channels_last=None,
+    device=None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Draw n images with Algorithm 20.2 (the fused reverse step), (n, C, H, W) in [-1, 1].
+
+    Args:
+        diffusion_or_path: a Diffusion, or a checkpoint path for ``fastdiff.load``.
+        n: number of images.
+        steps: must be None or T (ddpm runs every step of the trained schedule).
+        sampler: "ddpm".
+        seed: same seed -> same images (on the same device and backend); None draws one.
+        batch_size: images denoised at once (default min(n, 256)).
+        use_ema: sample with the EMA weights when the model has them (default).
+        variance: "beta" (sigma_t^2 = beta_t) or "posterior".
+        cuda_graph: on CUDA, capture one denoising step as a CUDA graph and replay it T times;
+            False runs the same step eagerly.  Ignored on CPU (always eager).
+        precision: autocast for the model ("auto", "fp32", "bf16", "fp16"); default: the one
+            the model was trained with.
+        channels_last: memory layout of the latents (default: as trained / auto).
+        device: move the model there first (default: where it is).
+        progress: show a tqdm progress bar.
+    Returns:
+        float32 tensor (n, C, H, W) on the model's device, clamped to [-1, 1].
+    """
+    diffusion = (
+        diffusion_or_path
+        if isinstance(diffusion_or_path, Diffusion)
+        else load(diffusion_or_path, device=device)
+    )
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    batch_size = check_sample_args(n, batch_size, seed, steps, sampler, diffusion.schedule.T)
+    if device is not None:
+        diffusion.to(resolve_device(device))
+    dev = diffusion.device
+    prec = resolve_precision(precision or diffusion.config.get("precision", "auto"), dev)
+    cl = resolve_channels_last(
+        channels_last if channels_last is not None else diffusion.config.get("channels_last"), dev
+    )
+    net = diffusion.ema_model if use_ema and diffusion.ema_model is not None else diffusion.model
+    if cl:
+        net.to(memory_format=torch.channels_last)
+    was_training = net.training
+    net.eval()
+    try:
+        runner = Sampler(
+            net, diffusion.schedule, precision=prec, channels_last=cl, variance=variance
+        )
+        return run_sampler(
+            runner,
+            n,
+            diffusion.image_shape,
+            dev,
+            seed=seed,
+            batch_size=batch_size,
+            cuda_graph=cuda_graph,
+            progress=progress,
+        )
+    finally:
+        net.train(was_training)

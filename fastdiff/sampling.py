@@ -1,0 +1,196 @@
+"""Sampling (Algorithm 20.2) through the fused reverse step, CUDA-graph captured on GPUs.
+
+    z_T ~ N(0, I);  for i = T-1 .. 0:  z <- reverse_step(z, g(z, i), i)      (i = t - 1)
+
+Every step runs on three static device buffers: the latents ``z`` (B, C, H, W), the step
+index ``t`` (B,) and the noise seed (1,).  One step is: pred = model(z, t); z <- mu + sigma eps
+(in place); t -= 1; seed += 1.  Because t and the seed live in device memory and are advanced
+by the step itself, that step is captured once as a CUDA graph and replayed T times with no
+host work in between, and it produces exactly the same images as the eager loop, which runs
+the very same step function (CPU, or ``cuda_graph=False``).
+
+Seeds: ``sample(..., seed=s)`` draws z_T for batch b from a torch.Generator seeded with
+(s, b) and the step noise from in-kernel Philox with seeds derived from (s, b); the same seed
+gives the same images on the same device and backend.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import ops
+from .precision import Precision, memory_format
+from .profiling import phase
+from .schedule import NoiseSchedule
+
+SAMPLERS = ("ddpm",)
+#: Spacing of the per-batch seed streams: batch b of seed s uses step seeds
+#: s * 2**32 + b * 2**20 + k (k < T <= 2**20).
+_BATCH_STRIDE, _SEED_STRIDE = 2**20, 2**32
+
+
+class StepBuffers:
+    """The static state of one sampling batch: latents, step indices and seed, on device."""
+
+    def __init__(self, z: torch.Tensor, T: int, seed: int):
+        self.z = z
+        self.t = torch.full((z.shape[0],), T - 1, dtype=torch.long, device=z.device)
+        self.seed = torch.full((1,), seed, dtype=torch.long, device=z.device)
+
+    def snapshot(self):
+        return self.z.clone(), self.t.clone(), self.seed.clone()
+
+    def restore(self, snap) -> None:
+        for buf, saved in zip((self.z, self.t, self.seed), snap, strict=True):
+            buf.copy_(saved)
+
+
+class Sampler:
+    """Runs the reverse chain for batches of one shape; see the module docstring."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        schedule: NoiseSchedule,
+        *,
+        precision: Precision,
+        channels_last: bool,
+        variance: str = "beta",
+    ):
+        if variance not in ops.VARIANCES:
+            raise ValueError(f"variance: expected one of {sorted(ops.VARIANCES)}, got {variance!r}")
+        self.model = model
+        self.schedule = schedule
+        self.precision = precision
+        self.channels_last = channels_last
+        self.variance = variance
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, StepBuffers]] = {}
+
+    def step(self, buf: StepBuffers) -> None:
+        """One reverse step on the static buffers, advancing t and the seed in place."""
+        with phase("sampler step"):
+            with self.precision.autocast(buf.z.device):
+                pred = self.model(buf.z, buf.t)
+            ops.reverse_step(
+                buf.z,
+                pred,
+                buf.t,
+                self.schedule,
+                seed=buf.seed,
+                variance=self.variance,
+                validate=False,
+                out=buf.z,
+            )
+            buf.t.sub_(1)
+            buf.seed.add_(1)
+
+    def run_eager(self, buf: StepBuffers) -> torch.Tensor:
+        for _ in range(self.schedule.T):
+            self.step(buf)
+        return buf.z
+
+    def run_graph(self, z0: torch.Tensor, seed: int) -> torch.Tensor:
+        """Capture the step once for this batch size (cached), then replay it T times."""
+        B = z0.shape[0]
+        if B not in self._graphs:
+            self._graphs[B] = self._capture(torch.empty_like(z0))
+        graph, buf = self._graphs[B]
+        buf.z.copy_(z0)
+        buf.t.fill_(self.schedule.T - 1)
+        buf.seed.fill_(seed)
+        for _ in range(self.schedule.T):
+            graph.replay()
+        return buf.z.clone()
+
+    def _capture(self, z: torch.Tensor):
+        buf = StepBuffers(z.normal_(), self.schedule.T, 0)
+        snap = buf.snapshot()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: autotuning and lazy init happen outside capture
+            for _ in range(3):
+                self.step(buf)
+        torch.cuda.current_stream().wait_stream(side)
+        buf.restore(snap)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.step(buf)
+        return graph, buf
+
+
+def initial_noise(shape, device, seed: int, batch_index: int, channels_last: bool):
+    """z_T for one batch: standard normal from a generator seeded by (seed, batch_index)."""
+    gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + batch_index)
+    z = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+    return z.contiguous(memory_format=memory_format(channels_last))
+
+
+def run_sampler(
+    sampler: Sampler,
+    n: int,
+    image_shape: tuple[int, int, int],
+    device: torch.device,
+    *,
+    seed: int,
+    batch_size: int,
+    cuda_graph: bool,
+    progress: bool = False,
+) -> torch.Tensor:
+    """n images (n, C, H, W) in [-1, 1], float32 on ``device``, batch by batch."""
+    use_graph = cuda_graph and device.type == "cuda"
+    batches = math.ceil(n / batch_size)
+    bar = _progress(batches * sampler.schedule.T, progress)
+    out = []
+    with torch.inference_mode():
+        for b in range(batches):
+            size = min(batch_size, n - b * batch_size)
+            z0 = initial_noise((size, *image_shape), device, seed, b, sampler.channels_last)
+            step_seed = seed * _SEED_STRIDE + b * _BATCH_STRIDE
+            if use_graph:
+                z = sampler.run_graph(z0, step_seed)
+            else:
+                z = sampler.run_eager(StepBuffers(z0, sampler.schedule.T, step_seed))
+            out.append(z.float().clamp_(-1.0, 1.0).contiguous())
+            bar.update(sampler.schedule.T)
+    bar.close()
+    return torch.cat(out)
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="sampling", unit="step")
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def check_sample_args(n, batch_size, seed, steps, sampler, T) -> int:
+    """Validate sample()'s arguments before any work; returns the batch size to use."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n: expected a positive number of images, got {n!r}")
+    if batch_size is None:
+        batch_size = min(n, 256)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+        raise ValueError(f"seed: expected an integer in [0, 2**31), got {seed!r}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler: expected one of {SAMPLERS}, got {sampler!r}")
+    if steps is not None and steps != T:
+        raise ValueError(
+            f"steps: the ddpm sampler runs all T={T} steps of the trained schedule, got {steps}"
+        )
+    if T > _BATCH_STRIDE:
+        raise ValueError(f"schedule: at most {_BATCH_STRIDE} steps are supported, got T={T}")
+    return batch_size

@@ -1,0 +1,467 @@
+"""Training (Algorithm 20.1) through the fused noising and loss kernels.
+
+Each step, for a batch x (B, C, H, W) in [-1, 1]:
+
+    t ~ U{0..T-1} (0-based),  k = the step's noise seed
+    z    = q_sample(x, t, schedule, seed=k)        eps drawn in-kernel, never stored
+    pred = model(z, t)                               under autocast (bf16 / fp16) if chosen
+    loss = noise_loss(pred, t, seed=k)               eps regenerated from k; backward too
+    AdamW step (linear warm-up, gradient clipping), then the EMA update
+
+The loop makes no host-device synchronisation per step: losses stay on the device in a ring
+buffer read back only every ``log_every`` steps (which is also where a non-finite loss is
+found and reported with its step).  Exact resume: the checkpoint holds model, EMA, optimizer,
+grad scaler, step, the t-sampling generator, torch's RNG (dropout) and the data order, and
+every per-step quantity (lr, noise seed) is a function of the step number alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from . import ops
+from .data import make_batches, resolve_data
+from .diffusion import Diffusion, build_model
+from .ema import EMA
+from .errors import CheckpointError, DataError
+from .images import save_image_grid
+from .precision import (
+    memory_format,
+    resolve_channels_last,
+    resolve_device,
+    resolve_precision,
+)
+from .profiling import phase
+from .schedule import NoiseSchedule
+from .unet import PRESETS, UNet
+
+SAMPLES_FILE = "samples.png"
+METRICS_FILE = "metrics.jsonl"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; the message names the step."""
+
+
+@dataclass
+class TrainConfig:
+    """The settings of a run (recorded in checkpoints; ``resume`` checks the essential ones)."""
+
+    steps: int
+    batch_size: int
+    lr: float = 2e-4
+    warmup_steps: int = 500
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    precision: str = "auto"
+    channels_last: bool | None = None
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    sample_every: int = 0
+    n_samples: int = 64
+    variance: str = "beta"
+    extra: dict = field(default_factory=dict)
+
+
+def _check_config(cfg: TrainConfig) -> None:
+    def positive_int(name, value, minimum=1):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+
+    positive_int("steps", cfg.steps, 0)
+    positive_int("batch_size", cfg.batch_size)
+    positive_int("warmup_steps", cfg.warmup_steps, 0)
+    positive_int("log_every", cfg.log_every)
+    positive_int("checkpoint_every", cfg.checkpoint_every, 0)
+    positive_int("sample_every", cfg.sample_every, 0)
+    positive_int("n_samples", cfg.n_samples)
+    if not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2**31:
+        raise ValueError(f"seed: expected an integer in [0, 2**31), got {cfg.seed!r}")
+    for name in ("lr", "grad_clip"):
+        value = getattr(cfg, name)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name}: expected a positive number, got {value!r}")
+    if cfg.weight_decay < 0:
+        raise ValueError(f"weight_decay: expected >= 0, got {cfg.weight_decay}")
+    if cfg.variance not in ops.VARIANCES:
+        raise ValueError(f"variance: expected one of {sorted(ops.VARIANCES)}, got {cfg.variance!r}")
+
+
+def model_for_data(image_shape: tuple[int, int, int], preset: str | None = None) -> UNet:
+    """A UNet preset adapted to the data: its channels and size, attention at the same relative
+    resolutions, and no more levels than the size allows.  Default preset: "digits" for
+    1x16x16 images, "cifar10" (Ho et al.'s 35.7M model) otherwise."""
+    C, H, W = image_shape
+    if preset is None:
+        preset = "digits" if (C, H, W) == (1, 16, 16) else "cifar10"
+    if preset not in PRESETS:
+        raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
+    cfg = dict(PRESETS[preset])
+    mult = list(cfg["channel_mult"])
+    while len(mult) > 1 and (H % 2 ** (len(mult) - 1) or W % 2 ** (len(mult) - 1)):
+        mult.pop()
+    resolutions = [H // 2**i for i in range(len(mult))]
+    scale = H / cfg["image_size"]
+    attn = sorted(
+        {r for r in (round(a * scale) for a in cfg["attention_resolutions"]) if r in resolutions}
+    )
+    cfg.update(in_channels=C, image_size=H, channel_mult=mult, attention_resolutions=attn)
+    return UNet(**cfg)
+
+
+def step_seed(run_seed: int, step: int) -> int:
+    """The noise seed of training step ``step``: a function of the step alone (exact resume)."""
+    return run_seed * 2**32 + step
+
+
+def _schedule(schedule, T: int) -> NoiseSchedule:
+    if isinstance(schedule, NoiseSchedule):
+        return schedule
+    if isinstance(schedule, str):
+        return NoiseSchedule.from_name(schedule, T)
+    raise ValueError(f"schedule: expected 'linear', 'cosine' or a NoiseSchedule, got {schedule!r}")
+
+
+def _image_shape(source) -> tuple[int, int, int]:
+    if isinstance(source, torch.Tensor):
+        return tuple(source.shape[1:])
+    item = source[0]
+    item = item[0] if isinstance(item, (tuple, list)) else item
+    return tuple(torch.as_tensor(item).shape)
+
+
+def _check_model_fits(model: nn.Module, image_shape) -> None:
+    cfg = getattr(model, "config", None)
+    if isinstance(cfg, dict) and "in_channels" in cfg and cfg["in_channels"] != image_shape[0]:
+        raise DataError(
+            f"data: images have {image_shape[0]} channel(s) but the model expects"
+            f" {cfg['in_channels']} (model in_channels={cfg['in_channels']})"
+        )
+
+
+def train(
+    data="digits",
+    model: nn.Module | None = None,
+    *,
+    schedule="linear",
+    steps: int,
+    batch_size: int,
+    T: int = 1000,
+    lr: float = 2e-4,
+    warmup_steps: int = 500,
+    weight_decay: float = 0.0,
+    grad_clip: float = 1.0,
+    ema_decay: float = 0.9999,
+    precision: str = "auto",
+    channels_last=None,
+    preset: str | None = None,
+    device=None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    seed: int = 0,
+    log_every: int = 50,
+    checkpoint_every: int = 1000,
+    sample_every: int = 0,
+    n_samples: int = 64,
+    variance: str = "beta",
+    num_workers: int = 0,
+    image_size: int | None = None,
+    progress: bool = True,
+    on_log=None,
+) -> Diffusion:
+    """Train a DDPM noise predictor with Algorithm 20.1 and return the trained Diffusion.
+
+    Args:
+        data: a tensor / numpy array (N, C, H, W) in [-1, 1] (or uint8 0..255), a path to an
+            .npz or a folder of images, a torch Dataset, or a built-in name ("digits").
+        model: any nn.Module with forward(z, t) -> eps (default: a UNet preset fitting data).
+        schedule: "linear", "cosine" (with T steps) or a NoiseSchedule.
+        steps: total optimizer steps (with resume: the step count to reach).
+        batch_size: images per step.
+        lr, warmup_steps, weight_decay, grad_clip: AdamW with linear warm-up and clipping of
+            the global gradient norm.
+        ema_decay: decay of the weights' moving average (with warm-up, see fastdiff.ema).
+        precision: "auto", "fp32", "bf16" or "fp16" (with a GradScaler); see
+            fastdiff.precision for what auto picks.
+        channels_last: True / False / None (auto: on for CUDA, off on CPU).
+        preset: UNet preset name when model is None ("digits", "cifar10", "tiny").
+        device: "cpu", "cuda", ... (default: CUDA when available).
+        out_dir: where metrics.jsonl, checkpoints/ and sample grids go (None: nothing written).
+        resume: continue from the latest checkpoint in out_dir (exactly: N steps then resume to
+            N + M equals N + M uninterrupted steps on the same device).
+        seed: seeds model init, data order, t and the noise.
+        log_every: steps between loss read-backs (progress bar, metrics log, NaN check).
+        checkpoint_every: steps between checkpoints (0: only at the end).
+        sample_every: steps between sample grids (0: only the final samples.png).
+        n_samples: images in each grid.
+        num_workers: DataLoader workers when the data streams from host memory.
+        image_size: size to resize folder images to.
+        on_log: optional callable receiving each metrics record (a dict).
+    """
+    cfg = TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        warmup_steps=warmup_steps,
+        weight_decay=weight_decay,
+        grad_clip=grad_clip,
+        ema_decay=ema_decay,
+        precision=precision,
+        channels_last=channels_last,
+        seed=seed,
+        log_every=log_every,
+        checkpoint_every=checkpoint_every,
+        sample_every=sample_every,
+        n_samples=n_samples,
+        variance=variance,
+    )
+    _check_config(cfg)
+    if resume and out_dir is None:
+        raise ValueError("resume: needs out_dir, the directory holding the run's checkpoints")
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    cl = resolve_channels_last(channels_last, dev)
+    sched = _schedule(schedule, T).to(dev)
+    source = (
+        data
+        if isinstance(data, torch.utils.data.Dataset)
+        else resolve_data(data, image_size=image_size)
+    )
+    image_shape = _image_shape(source)
+
+    torch.manual_seed(seed)
+    if model is None:
+        model = model_for_data(image_shape, preset)
+    _check_model_fits(model, image_shape)
+    model.to(dev, memory_format=memory_format(cl)).train()
+
+    run = _Run(model, sched, source, image_shape, cfg, dev, prec, cl, num_workers)
+    out = Path(out_dir) if out_dir is not None else None
+    if resume:
+        run.restore(out)
+    return run.loop(out, progress=progress, on_log=on_log)
+
+
+class _Run:
+    """The mutable state of one training run (kept together so it can be checkpointed)."""
+
+    def __init__(self, model, schedule, source, image_shape, cfg, device, prec, cl, workers):
+        self.model, self.schedule, self.cfg = model, schedule, cfg
+        self.device, self.prec, self.channels_last = device, prec, cl
+        self.image_shape = image_shape
+        self.batches = make_batches(
+            source, cfg.batch_size, device, seed=cfg.seed, num_workers=workers
+        )
+        fused = device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(
+            model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None
+        )
+        self.scaler = torch.amp.GradScaler(device.type, enabled=prec.grad_scaling)
+        self.ema = EMA(model, cfg.ema_decay)
+        self.t_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+        self.step = 0
+        self.seed_buf = torch.zeros(1, dtype=torch.long, device=device)
+        self.losses = torch.zeros(cfg.log_every, dtype=torch.float32, device=device)
+
+    # -- one step ---------------------------------------------------------------------------
+
+    def lr_at(self, step: int) -> float:
+        if self.cfg.warmup_steps == 0:
+            return self.cfg.lr
+        return self.cfg.lr * min(1.0, (step + 1) / self.cfg.warmup_steps)
+
+    def train_step(self) -> None:
+        cfg, k = self.cfg, self.step
+        with phase("data"):
+            x = self.batches.next_batch().contiguous(
+                memory_format=memory_format(self.channels_last)
+            )
+            t = torch.randint(
+                0, self.schedule.T, (x.shape[0],), device=self.device, generator=self.t_gen
+            )
+            self.seed_buf.fill_(step_seed(cfg.seed, k))
+        with phase("noising"):
+            z = ops.q_sample(x, t, self.schedule, seed=self.seed_buf, validate=False)
+        with phase("forward"), self.prec.autocast(self.device):
+            pred = self.model(z, t)
+        with phase("loss"):
+            loss = ops.noise_loss(pred, t, seed=self.seed_buf, validate=False)
+        with phase("backward"):
+            self.scaler.scale(loss).backward()
+        with phase("optimizer"):
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr_at(k)
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip, foreach=True)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+        with phase("EMA"):
+            self.ema.update(self.model, k)
+        self.losses[k % cfg.log_every] = loss.detach()
+        self.step = k + 1
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def loop(self, out: Path | None, *, progress: bool, on_log) -> Diffusion:
+        cfg = self.cfg
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+        bar = _bar(cfg.steps, self.step, progress)
+        window_start, window_step = time.perf_counter(), self.step
+        while self.step < cfg.steps:
+            self.train_step()
+            done = self.step == cfg.steps
+            if self.step % cfg.log_every == 0 or done:
+                record = self._log_window(window_step, time.perf_counter() - window_start)
+                bar.update(self.step - bar.n)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+                if out is not None:
+                    with open(out / METRICS_FILE, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                if on_log is not None:
+                    on_log(record)
+                window_start, window_step = time.perf_counter(), self.step
+            if out is not None and (
+                done or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0)
+            ):
+                self.save(out)
+            if out is not None and cfg.sample_every and self.step % cfg.sample_every == 0:
+                self._save_grid(out / "samples" / f"step_{self.step:08d}.png")
+        bar.close()
+        diffusion = self.diffusion()
+        if out is not None and cfg.steps > 0:
+            self._save_grid(out / SAMPLES_FILE, diffusion)
+        return diffusion
+
+    def _log_window(self, window_step: int, seconds: float) -> dict:
+        """Read the window's losses back (the only sync), refusing non-finite ones."""
+        n = self.step - window_step
+        first = window_step % self.cfg.log_every
+        losses = self.losses.tolist()
+        window = [losses[(first + i) % self.cfg.log_every] for i in range(n)]
+        for i, value in enumerate(window):
+            if not math.isfinite(value):
+                raise NonFiniteLossError(
+                    f"loss is {value} at step {window_step + i + 1}; training stopped (the last"
+                    " checkpoint, if any, is intact). Lower lr or use precision='fp32'."
+                )
+        return {
+            "step": self.step,
+            "loss": sum(window) / max(n, 1),
+            "lr": self.lr_at(self.step - 1),
+            "images_per_s": n * self.cfg.batch_size / max(seconds, 1e-9),
+            "time": time.time(),
+        }
+
+    # -- outputs ----------------------------------------------------------------------------
+
+    def diffusion(self) -> Diffusion:
+        config = {
+            "train": {k: v for k, v in asdict(self.cfg).items() if k != "extra"},
+            "precision": self.prec.name,
+            "channels_last": self.channels_last,
+            "step": self.step,
+        }
+        return Diffusion(
+            self.model, self.schedule, self.image_shape, ema_model=self.ema.shadow, config=config
+        )
+
+    def _save_grid(self, path: Path, diffusion: Diffusion | None = None) -> None:
+        diffusion = diffusion or self.diffusion()
+        rng_state = torch.get_rng_state()  # sampling must not disturb the training RNG
+        images = diffusion.sample(
+            self.cfg.n_samples, seed=self.cfg.seed, variance=self.cfg.variance
+        )
+        torch.set_rng_state(rng_state)
+        self.model.train()
+        save_image_grid(images, path, scale=max(1, 64 // max(self.image_shape[1:])))
+
+    def train_state(self) -> dict:
+        state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "t_generator": self.t_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "batches": self.batches.state_dict(),
+        }
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def save(self, out: Path) -> Path:
+        d = self.diffusion()
+        return ckpt.save_run_checkpoint(
+            out,
+            self.step,
+            model_state=self.model.state_dict(),
+            ema_state=self.ema.shadow.state_dict(),
+            config=d.checkpoint_config(),
+            train_state=self.train_state(),
+        )
+
+    def restore(self, out: Path) -> None:
+        """Load the latest checkpoint of the run in ``out`` (exact resume)."""
+        directory = ckpt.find_checkpoint(out)
+        config = ckpt.read_config(directory)
+        ckpt.verify_files(directory, config, list(config.get("files", {})))
+        self._check_compatible(config, directory)
+        build_model(config, self.model, str(directory))
+        try:
+            self.model.load_state_dict(ckpt.load_weights(directory, ckpt.MODEL, self.device))
+            self.ema.shadow.load_state_dict(ckpt.load_weights(directory, ckpt.EMA, self.device))
+        except RuntimeError as exc:
+            raise CheckpointError(
+                f"checkpoint: {str(directory)!r} does not match this model: "
+                f"{str(exc).strip().splitlines()[0]}"
+            ) from exc
+        state = ckpt.load_train_state(directory)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.t_gen.set_state(state["t_generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        self.batches.load_state_dict(state["batches"])
+        self.step = int(state["step"])
+
+    def _check_compatible(self, config: dict, directory: Path) -> None:
+        saved = config.get("train", {})
+        mine = asdict(self.cfg)
+        for key in ("batch_size", "seed", "precision"):
+            if key in saved and saved[key] != mine[key]:
+                raise CheckpointError(
+                    f"checkpoint: {str(directory)!r} was trained with {key}={saved[key]!r},"
+                    f" this run has {key}={mine[key]!r}; resume needs the same value"
+                )
+        if config.get("schedule", {}).get("betas") != self.schedule.config()["betas"]:
+            raise CheckpointError(f"checkpoint: {str(directory)!r} used another noise schedule")
+        if list(config.get("image_shape", [])) != list(self.image_shape):
+            raise CheckpointError(
+                f"checkpoint: {str(directory)!r} was trained on images of shape"
+                f" {config.get('image_shape')}, the data has {list(self.image_shape)}"
+            )
+
+
+def _bar(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        disable=not enabled,
+        desc="training",
+        unit="step",
+        dynamic_ncols=True,
+    )

@@ -1,0 +1,458 @@
+"""The U-Net denoiser g(z, t) of Ho et al. 2020 ("Denoising Diffusion Probabilistic Models").
+
+Written from scratch in plain PyTorch after the original DDPM code (and its PyTorch ports):
+
+* sinusoidal timestep embedding of width ``base_channels`` -> Linear -> SiLU -> Linear to
+  ``4 * base_channels``;
+* residual blocks GroupNorm -> SiLU -> Conv3x3 (+ projected time embedding) -> GroupNorm ->
+  SiLU -> Dropout -> Conv3x3, with a 1x1 skip conv when the channel count changes;
+* single- or multi-head self-attention (``F.scaled_dot_product_attention``) at the feature
+  resolutions in ``attention_resolutions`` and in the middle;
+* stride-2 conv downsampling, nearest x2 + conv upsampling, skip concatenation; the decoder has
+  ``num_res_blocks + 1`` blocks per level.
+
+Initialisation follows the DDPM code: Xavier-uniform weights, zero biases, and zero weights for
+the last conv of every residual block, the attention output projection and the final conv, so
+each block starts as the identity and the untrained network predicts zero noise.
+
+Works with contiguous or channels_last inputs, fp32/bf16/fp16 weights, and under
+``torch.autocast``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import FastDiffError
+
+__all__ = ["UNet", "PRESETS", "count_parameters", "timestep_embedding"]
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Built-in 16x16 single-channel digits: 1,112,801 parameters.
+    "digits": dict(
+        in_channels=1,
+        base_channels=32,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=1,
+        attention_resolutions=(8,),
+        dropout=0.0,
+        image_size=16,
+        num_groups=8,
+        num_heads=1,
+    ),
+    # Ho et al. 2020, CIFAR-10: 35,746,307 parameters (the paper's "35.7M").
+    "cifar10": dict(
+        in_channels=3,
+        base_channels=128,
+        channel_mult=(1, 2, 2, 2),
+        num_res_blocks=2,
+        attention_resolutions=(16,),
+        dropout=0.1,
+        image_size=32,
+        num_groups=32,
+        num_heads=1,
+    ),
+    # For tests: 8x8 single channel, runs in milliseconds.
+    "tiny": dict(
+        in_channels=1,
+        base_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(4,),
+        dropout=0.0,
+        image_size=8,
+        num_groups=4,
+        num_heads=1,
+    ),
+}
+"""Named U-Net configurations for :meth:`UNet.preset`.
+
+``digits`` was chosen by timing one training step (batch 64, fp32 NCHW, forward + backward +
+AdamW step, torch 2.13 CPU, 2 cores; median of 20 steps after 5 warm-up steps; the machine was
+shared, so the numbers vary by about +-10% between runs):
+
+=========================================================  =======  ==========
+base, channel_mult, num_res_blocks, attention_resolutions  params   images/s
+=========================================================  =======  ==========
+32, (1, 2, 2), 1, (8,)   (chosen)                          1.113M   280 - 304
+32, (1, 2, 2), 1, (4,)                                     1.113M   276
+32, (1, 2, 2), 2, (8,)                                     1.623M   205 - 218
+32, (1, 2, 2), 2, (4,)                                     1.623M   188 - 246
+32, (1, 2, 2), 2, ()     (attention in the middle only)    1.539M   207 - 214
+48, (1, 2, 2), 1, (8,)                                     2.498M   139
+=========================================================  =======  ==========
+
+The chosen one keeps a clear margin above 200 images/s once the rest of the training step
+(noising, EMA, data) is added, and 1.1M parameters with attention at 8x8 (64 tokens) is ample
+for 1797 16x16 digits.  The convolutions take about 70% of the step.
+"""
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of scalar parameters of ``module`` (works on the meta device too)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of step indices, as in the DDPM code.
+
+    ``t``: (B,) step indices (any real dtype). Returns (B, dim) float32:
+    ``[sin(t * f_0..f_{h-1}), cos(t * f_0..f_{h-1})]`` with ``f_i = 10000^(-i / (h - 1))``,
+    ``h = dim // 2``, zero-padded when ``dim`` is odd.
+    """
+    half = dim // 2
+    freqs = torch.exp(
+        torch.arange(half, device=t.device, dtype=torch.float32)
+        * (-math.log(10000.0) / max(half - 1, 1))
+    )
+    args = t.to(torch.float32)[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def _conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1)
+
+
+class ResBlock(nn.Module):
+    """(B, c_in, H, W), time embedding (B, temb_dim) -> (B, c_out, H, W)."""
+
+    def __init__(self, c_in: int, c_out: int, temb_dim: int, dropout: float, groups: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, c_in)
+        self.conv1 = _conv3x3(c_in, c_out)
+        self.temb_proj = nn.Linear(temb_dim, c_out)
+        self.norm2 = nn.GroupNorm(groups, c_out)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = _conv3x3(c_out, c_out)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Self-attention over the H*W positions with a residual: (B, C, H, W) -> (B, C, H, W)."""
+
+    def __init__(self, channels: int, groups: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = nn.GroupNorm(groups, channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        heads = self.num_heads
+        # (B, 3C, H, W) -> (B, 3, heads, d, HW) -> (B, 3, heads, HW, d).  All views: for a
+        # channels_last input d ends up with stride 1, so SDPA reads q, k, v without a copy.
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, heads, c // heads, h * w).transpose(-1, -2)
+        out = F.scaled_dot_product_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2])  # (B, heads, HW, d)
+        if x.is_contiguous(memory_format=torch.channels_last):
+            # (B, HW, heads, d) is channels_last order: a view when heads == 1.
+            out = out.transpose(1, 2).reshape(b, h, w, c).permute(0, 3, 1, 2)
+        else:
+            out = out.transpose(-1, -2).reshape(b, c, h, w)
+        return x + self.proj_out(out)
+
+
+class Downsample(nn.Module):
+    """Stride-2 conv3x3: (B, C, H, W) -> (B, C, H/2, W/2)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = _conv3x3(channels, channels, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest x2 then conv3x3: (B, C, H, W) -> (B, C, 2H, 2W)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = _conv3x3(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+class UNet(nn.Module):
+    """The DDPM noise predictor g(z, t).
+
+    ``forward(z, t)``: ``z`` (B, in_channels, H, W) noisy images, ``t`` (B,) 0-based step
+    indices (integer or float; a 0-d tensor or Python number is broadcast to B). Returns the
+    predicted noise, (B, out_channels, H, W). H and W must be divisible by
+    ``2 ** (len(channel_mult) - 1)``; they are normally ``image_size``.
+
+    ``image_size`` fixes which levels get attention: level i works at
+    ``image_size // 2**i`` and has attention when that is in ``attention_resolutions``.
+
+    ``config`` holds the constructor arguments as a JSON-serialisable dict, so
+    ``UNet(**model.config)`` rebuilds the same architecture.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int = 3,
+        out_channels: int | None = None,
+        base_channels: int = 128,
+        channel_mult: Sequence[int] = (1, 2, 2, 2),
+        num_res_blocks: int = 2,
+        attention_resolutions: Sequence[int] = (16,),
+        dropout: float = 0.1,
+        image_size: int = 32,
+        num_groups: int = 32,
+        num_heads: int = 1,
+    ):
+        super().__init__()
+        out_channels = in_channels if out_channels is None else out_channels
+        channel_mult = tuple(channel_mult)
+        attention_resolutions = tuple(attention_resolutions)
+        self._validate(
+            in_channels,
+            out_channels,
+            base_channels,
+            channel_mult,
+            num_res_blocks,
+            attention_resolutions,
+            dropout,
+            image_size,
+            num_groups,
+            num_heads,
+        )
+        self.config: dict[str, Any] = dict(
+            in_channels=in_channels,
+            out_channels=out_channels,
+            base_channels=base_channels,
+            channel_mult=list(channel_mult),
+            num_res_blocks=num_res_blocks,
+            attention_resolutions=list(attention_resolutions),
+            dropout=float(dropout),
+            image_size=image_size,
+            num_groups=num_groups,
+            num_heads=num_heads,
+        )
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.base_channels = base_channels
+        self.num_levels = len(channel_mult)
+
+        temb_dim = 4 * base_channels
+        self.time_embed = nn.Sequential(
+            nn.Linear(base_channels, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim)
+        )
+
+        def res(c_in: int, c_out: int) -> ResBlock:
+            return ResBlock(c_in, c_out, temb_dim, dropout, num_groups)
+
+        def attn(c: int) -> AttnBlock:
+            return AttnBlock(c, num_groups, num_heads)
+
+        self.conv_in = _conv3x3(in_channels, base_channels)
+
+        # Encoder. skip_channels records the width of every activation pushed for the decoder.
+        self.down = nn.ModuleList()
+        skip_channels = [base_channels]
+        ch = base_channels
+        res_ = image_size
+        for level, mult in enumerate(channel_mult):
+            stage = nn.Module()
+            stage.blocks = nn.ModuleList()
+            stage.attns = nn.ModuleList()
+            for _ in range(num_res_blocks):
+                stage.blocks.append(res(ch, base_channels * mult))
+                ch = base_channels * mult
+                stage.attns.append(attn(ch) if res_ in attention_resolutions else nn.Identity())
+                skip_channels.append(ch)
+            if level != len(channel_mult) - 1:
+                stage.downsample = Downsample(ch)
+                skip_channels.append(ch)
+                res_ //= 2
+            else:
+                stage.downsample = nn.Identity()
+            self.down.append(stage)
+
+        self.mid_block1 = res(ch, ch)
+        self.mid_attn = attn(ch)
+        self.mid_block2 = res(ch, ch)
+
+        # Decoder: num_res_blocks + 1 blocks per level, each eating one skip activation.
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            stage = nn.Module()
+            stage.blocks = nn.ModuleList()
+            stage.attns = nn.ModuleList()
+            for _ in range(num_res_blocks + 1):
+                stage.blocks.append(res(ch + skip_channels.pop(), base_channels * mult))
+                ch = base_channels * mult
+                stage.attns.append(attn(ch) if res_ in attention_resolutions else nn.Identity())
+            if level != 0:
+                stage.upsample = Upsample(ch)
+                res_ *= 2
+            else:
+                stage.upsample = nn.Identity()
+            self.up.append(stage)
+        assert not skip_channels
+
+        self.norm_out = nn.GroupNorm(num_groups, ch)
+        self.conv_out = _conv3x3(ch, out_channels)
+        self._init_weights()
+
+    @staticmethod
+    def _validate(
+        in_channels: Any,
+        out_channels: Any,
+        base_channels: Any,
+        channel_mult: tuple,
+        num_res_blocks: Any,
+        attention_resolutions: tuple,
+        dropout: Any,
+        image_size: Any,
+        num_groups: Any,
+        num_heads: Any,
+    ) -> None:
+        def positive_int(name: str, value: Any) -> None:
+            if not _is_int(value) or value < 1:
+                raise FastDiffError(f"{name} must be a positive integer, got {value!r}")
+
+        positive_int("in_channels", in_channels)
+        positive_int("out_channels", out_channels)
+        positive_int("base_channels", base_channels)
+        positive_int("num_res_blocks", num_res_blocks)
+        positive_int("image_size", image_size)
+        positive_int("num_groups", num_groups)
+        positive_int("num_heads", num_heads)
+        if not channel_mult or not all(_is_int(m) and m >= 1 for m in channel_mult):
+            raise FastDiffError(
+                f"channel_mult must be a non-empty sequence of positive integers, "
+                f"got {channel_mult!r}"
+            )
+        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+            raise FastDiffError(f"dropout must be in [0, 1), got {dropout!r}")
+        for m in channel_mult:
+            if (base_channels * m) % num_groups:
+                raise FastDiffError(
+                    f"base_channels * channel_mult = {base_channels} * {m} = {base_channels * m} "
+                    f"is not divisible by num_groups={num_groups}"
+                )
+        factor = 2 ** (len(channel_mult) - 1)
+        if image_size % factor:
+            raise FastDiffError(
+                f"image_size={image_size} must be divisible by 2**(len(channel_mult) - 1) = "
+                f"{factor} for channel_mult={list(channel_mult)}"
+            )
+        resolutions = [image_size // 2**i for i in range(len(channel_mult))]
+        for r in attention_resolutions:
+            if r not in resolutions:
+                raise FastDiffError(
+                    f"attention_resolutions contains {r!r}, which is not one of the feature-map "
+                    f"resolutions {resolutions} for image_size={image_size}"
+                )
+        attn_channels = {base_channels * channel_mult[-1]}  # the middle block
+        attn_channels |= {
+            base_channels * m
+            for m, r in zip(channel_mult, resolutions, strict=True)
+            if r in attention_resolutions
+        }
+        for c in sorted(attn_channels):
+            if c % num_heads:
+                raise FastDiffError(
+                    f"num_heads={num_heads} must divide the attention width {c} "
+                    f"(base_channels * channel_mult)"
+                )
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        zero = [self.conv_out]
+        for m in self.modules():
+            if isinstance(m, ResBlock):
+                zero.append(m.conv2)
+            elif isinstance(m, AttnBlock):
+                zero.append(m.proj_out)
+        for m in zero:
+            nn.init.zeros_(m.weight)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> UNet:
+        """Build the named configuration from :data:`PRESETS`, with keyword overrides."""
+        if name not in PRESETS:
+            raise FastDiffError(
+                f"unknown U-Net preset {name!r}; known presets: {', '.join(sorted(PRESETS))}"
+            )
+        return cls(**{**PRESETS[name], **overrides})
+
+    def _check_inputs(self, z: torch.Tensor, t: Any) -> torch.Tensor:
+        if not isinstance(z, torch.Tensor) or z.dim() != 4:
+            shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+            raise FastDiffError(
+                f"z must be a 4-d tensor (B, {self.in_channels}, H, W), got {shape}"
+            )
+        b, c, h, w = z.shape
+        if c != self.in_channels:
+            raise FastDiffError(
+                f"z has {c} channels but this model expects {self.in_channels} "
+                f"(z.shape={tuple(z.shape)})"
+            )
+        factor = 2 ** (self.num_levels - 1)
+        if h % factor or w % factor:
+            raise FastDiffError(f"z's height and width must be divisible by {factor}, got {h}x{w}")
+        if not isinstance(t, torch.Tensor):
+            t = torch.as_tensor(t, device=z.device)
+        if t.dim() == 0:
+            t = t.expand(b)
+        if t.shape != (b,):
+            raise FastDiffError(
+                f"t must have shape ({b},) (one step per image in z) or be a scalar, "
+                f"got {tuple(t.shape)}"
+            )
+        return t
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """z: (B, in_channels, H, W), t: (B,) step indices -> (B, out_channels, H, W)."""
+        t = self._check_inputs(z, t)
+        emb = timestep_embedding(t, self.base_channels)
+        first = self.time_embed[0].weight
+        if first.dtype != emb.dtype and not torch.is_autocast_enabled(z.device.type):
+            emb = emb.to(first.dtype)  # half-precision weights without autocast
+        temb = self.time_embed(emb)
+
+        h = self.conv_in(z)
+        hs = [h]
+        for stage in self.down:
+            for block, attn in zip(stage.blocks, stage.attns, strict=True):
+                h = attn(block(h, temb))
+                hs.append(h)
+            if not isinstance(stage.downsample, nn.Identity):
+                h = stage.downsample(h)
+                hs.append(h)
+
+        h = self.mid_block2(self.mid_attn(self.mid_block1(h, temb)), temb)
+
+        for stage in self.up:
+            for block, attn in zip(stage.blocks, stage.attns, strict=True):
+                h = attn(block(torch.cat([h, hs.pop()], dim=1), temb))
+            h = stage.upsample(h)
+
+        return self.conv_out(F.silu(self.norm_out(h)))

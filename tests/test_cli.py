@@ -1,0 +1,97 @@
+"""The fastdiff command line, end to end on a tiny config, and its one-line errors."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastdiff.cli import main
+
+TINY = [
+    "--preset",
+    "tiny",
+    "--steps",
+    "3",
+    "--T",
+    "20",
+    "--batch-size",
+    "4",
+    "--n-samples",
+    "4",
+    "--device",
+    "cpu",
+    "--no-progress",
+    "--log-every",
+    "1",
+]
+
+
+@pytest.fixture
+def npz(tmp_path):
+    path = tmp_path / "data.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, images=rng.integers(0, 256, (8, 1, 8, 8), dtype=np.uint8))
+    return path
+
+
+def test_train_then_sample(tmp_path, npz, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(npz), "--out", str(out), *TINY]) == 0
+    assert (out / "samples.png").is_file() and (out / "metrics.jsonl").is_file()
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    more = [a if a != "3" else "5" for a in TINY]  # --steps 5
+    assert main(["train", "--data", str(npz), "--out", str(out), "--resume", *more]) == 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 5
+    png = tmp_path / "grid.png"
+    assert main(["sample", str(out), "-n", "6", "--out", str(png), "--no-progress"]) == 0
+    assert Image.open(png).size[0] > 8
+    arr = tmp_path / "x.npz"
+    assert main(["sample", str(out), "-n", "3", "--out", str(arr), "--no-progress"]) == 0
+    images = np.load(arr)["images"]
+    assert images.shape == (3, 1, 8, 8) and images.dtype == np.uint8
+
+
+def test_python_dash_m_and_help():
+    for args in (["--help"], ["train", "--help"], ["sample", "--help"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "fastdiff", *args], capture_output=True, text=True
+        )
+        assert proc.returncode == 0 and "usage: fastdiff" in proc.stdout
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "fastdiff", *args], capture_output=True, text=True)
+
+
+def assert_one_line_error(proc, *words):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastdiff: error:"), proc.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_errors_are_one_line(tmp_path):
+    assert_one_line_error(run_cli("sample", str(tmp_path / "missing")), "does not exist")
+    assert_one_line_error(
+        run_cli("train", "--data", str(tmp_path / "nope"), *TINY), "does not exist"
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_one_line_error(run_cli("train", "--data", str(empty), *TINY), "no images")
+    nan = tmp_path / "nan.npz"
+    np.savez(nan, images=np.full((4, 1, 8, 8), np.nan, dtype=np.float32))
+    assert_one_line_error(run_cli("train", "--data", str(nan), *TINY), "NaN")
+    assert_one_line_error(run_cli("train", "--steps", "-5", "--no-progress"), "steps")
+
+
+def test_wrong_channel_count_on_resume(tmp_path, npz):
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(npz), "--out", str(out), *TINY]) == 0
+    rgb = tmp_path / "rgb.npz"
+    np.savez(rgb, images=np.zeros((8, 3, 8, 8), dtype=np.uint8))
+    proc = run_cli("train", "--data", str(rgb), "--out", str(out), "--resume", *TINY)
+    assert_one_line_error(proc, "checkpoint")

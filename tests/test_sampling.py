@@ -1,0 +1,125 @@
+"""sample(): shape, determinism, the CUDA-graph path, and the analytic Gaussian case."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fastdiff
+from fastdiff import Diffusion, NoiseSchedule
+
+
+class GaussianOptimalDenoiser(nn.Module):
+    """The exact eps-predictor for data x ~ N(m, s^2 I):
+
+    E[eps | z_t] = sqrt(1 - a_t) (z_t - sqrt(a_t) m) / (a_t s^2 + 1 - a_t)
+    """
+
+    def __init__(self, schedule: NoiseSchedule, mean: float, std: float):
+        super().__init__()
+        self.register_buffer("ac", schedule.alphas_cumprod.float())
+        self.mean, self.var = mean, std**2
+        self.anchor = nn.Parameter(torch.zeros(()))  # gives the module a device
+
+    def forward(self, z, t):
+        a = self.ac[t].view(-1, 1, 1, 1)
+        return torch.sqrt(1 - a) * (z - torch.sqrt(a) * self.mean) / (a * self.var + 1 - a)
+
+
+def gaussian_diffusion(mean, std, T=1000, shape=(1, 4, 4)):
+    schedule = NoiseSchedule.linear(T)
+    model = GaussianOptimalDenoiser(schedule, mean, std)
+    return Diffusion(model, schedule, shape, config={"precision": "fp32"})
+
+
+@pytest.mark.parametrize("variance", ["beta", "posterior"])
+def test_gaussian_data_is_recovered(variance):
+    """With the optimal denoiser, DDPM samples have the data's mean and variance."""
+    mean, std, n = 0.3, 0.2, 1024
+    images = gaussian_diffusion(mean, std).sample(n, seed=0, variance=variance)
+    x = images.double().flatten()
+    N = x.numel()
+    # 16 pixels per image are independent under the optimal denoiser; 6 standard errors.
+    assert abs(float(x.mean()) - mean) < 6 * std / math.sqrt(N)
+    # sigma_t^2 = beta_t is not the exact reverse variance, so allow 5% on the std as well.
+    assert float(x.std()) == pytest.approx(std, rel=0.05)
+
+
+def test_shape_range_and_determinism():
+    d = gaussian_diffusion(0.0, 2.0, T=20)  # wide data: clamping to [-1, 1] kicks in
+    a = d.sample(5, seed=7, batch_size=2)
+    assert a.shape == (5, 1, 4, 4) and a.dtype == torch.float32
+    assert float(a.min()) >= -1 and float(a.max()) <= 1
+    assert torch.equal(a, d.sample(5, seed=7, batch_size=2))
+    assert not torch.equal(a, d.sample(5, seed=8, batch_size=2))
+    # Batch b always gets the same stream: the first batch does not depend on n.
+    assert torch.equal(a[:2], d.sample(2, seed=7, batch_size=2))
+
+
+def test_sampling_through_triton_kernels_matches_reference(monkeypatch):
+    """The eager sampler over the Triton reverse step (interpreter) equals the reference."""
+    pytest.importorskip("triton")
+    d = gaussian_diffusion(0.1, 0.5, T=10)
+    monkeypatch.setenv("FASTDIFF_BACKEND", "reference")
+    want = d.sample(3, seed=1)
+    monkeypatch.setenv("FASTDIFF_BACKEND", "triton")
+    got = d.sample(3, seed=1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(n=0), "n:"),
+        (dict(n=2, batch_size=0), "batch_size"),
+        (dict(n=2, seed=-1), "seed"),
+        (dict(n=2, steps=10), "steps"),
+        (dict(n=2, sampler="euler"), "sampler"),
+        (dict(n=2, variance="big"), "variance"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        gaussian_diffusion(0.0, 1.0, T=20).sample(**kwargs)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    d = fastdiff.train(
+        torch.rand(8, 1, 8, 8) * 2 - 1,
+        preset="tiny",
+        steps=2,
+        batch_size=4,
+        T=20,
+        device="cpu",
+        progress=False,
+    )
+    d.save(tmp_path / "model")
+    loaded = fastdiff.load(tmp_path / "model")
+    assert loaded.image_shape == (1, 8, 8) and loaded.schedule.T == 20
+    torch.testing.assert_close(loaded.sample(2, seed=3), d.sample(2, seed=3))
+    assert torch.equal(fastdiff.sample(tmp_path / "model", 2, seed=3), loaded.sample(2, seed=3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_matches_eager():
+    d = gaussian_diffusion(0.1, 0.5, T=100).to("cuda")
+    eager = d.sample(8, seed=3, cuda_graph=False)
+    graph = d.sample(8, seed=3, cuda_graph=True)
+    assert graph.is_cuda
+    torch.testing.assert_close(graph, eager, rtol=0, atol=0)
+    unet = fastdiff.train(
+        torch.rand(16, 1, 8, 8) * 2 - 1,
+        preset="tiny",
+        steps=2,
+        batch_size=8,
+        T=50,
+        device="cuda",
+        progress=False,
+    )
+    torch.testing.assert_close(
+        unet.sample(4, seed=1, cuda_graph=True),
+        unet.sample(4, seed=1, cuda_graph=False),
+        rtol=1e-3,
+        atol=1e-3,
+    )

@@ -1,0 +1,194 @@
+"""train(): the loss goes down, resume is exact, checkpoints are atomic, bad input is refused."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fastdiff
+from fastdiff import checkpoint as ckpt
+from fastdiff.errors import CheckpointError, DataError
+from fastdiff.training import NonFiniteLossError
+
+TINY = dict(preset="tiny", T=50, device="cpu", progress=False, warmup_steps=2)
+
+
+def tiny_data(n=32, channels=1, size=8, seed=0):
+    """Blobs at a few positions: simple structure a tiny model can start to learn."""
+    gen = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    centres = torch.randint(2, size - 2, (n, 2), generator=gen)
+    d2 = (yy - centres[:, :1, None]) ** 2 + (xx - centres[:, 1:, None]) ** 2
+    img = torch.exp(-d2.float() / 3.0) * 2 - 1
+    return img[:, None].expand(n, channels, size, size).contiguous()
+
+
+def test_loss_decreases():
+    logs = []
+    fastdiff.train(
+        tiny_data(), steps=80, batch_size=16, lr=2e-3, log_every=10, on_log=logs.append, **TINY
+    )
+    first, last = logs[0]["loss"], min(r["loss"] for r in logs[-3:])
+    assert first > 0.5  # zero-initialised output: loss starts at E[eps^2] = 1
+    assert last < 0.6 * first, [r["loss"] for r in logs]
+    assert [r["step"] for r in logs] == list(range(10, 81, 10))
+    assert all(r["images_per_s"] > 0 and r["lr"] > 0 for r in logs)
+
+
+def params(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_resume_is_exact(tmp_path):
+    data = tiny_data()
+    kw = dict(batch_size=8, log_every=3, checkpoint_every=4, lr=1e-3, n_samples=2, **TINY)
+    straight = fastdiff.train(data, steps=10, out_dir=tmp_path / "a", **kw)
+    fastdiff.train(data, steps=6, out_dir=tmp_path / "b", **kw)
+    resumed = fastdiff.train(data, steps=10, out_dir=tmp_path / "b", resume=True, **kw)
+    for name, module in [("model", "model"), ("ema", "ema_model")]:
+        want, got = params(getattr(straight, module)), params(getattr(resumed, module))
+        assert want.keys() == got.keys()
+        diff = [k for k in want if not torch.equal(want[k], got[k])]
+        assert not diff, f"{name} differs after resume: {diff[:5]}"
+    # The metrics log continues where it stopped.
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "b" / "metrics.jsonl")]
+    assert steps == [3, 6, 9, 10]
+    assert (tmp_path / "b" / "samples.png").is_file()
+
+
+def test_resume_refuses_another_config(tmp_path):
+    data = tiny_data()
+    fastdiff.train(data, steps=2, batch_size=8, out_dir=tmp_path, n_samples=1, **TINY)
+    with pytest.raises(CheckpointError, match="batch_size"):
+        fastdiff.train(data, steps=4, batch_size=4, out_dir=tmp_path, resume=True, **TINY)
+    with pytest.raises(CheckpointError, match="image"):
+        fastdiff.train(
+            tiny_data(size=16), steps=4, batch_size=8, out_dir=tmp_path, resume=True, **TINY
+        )
+    with pytest.raises(ValueError, match="resume"):
+        fastdiff.train(data, steps=4, batch_size=8, resume=True, **TINY)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    """A crash while writing step 4 leaves step 2 intact and pointed to."""
+    data = tiny_data()
+    fastdiff.train(data, steps=2, batch_size=8, out_dir=tmp_path, n_samples=1, **TINY)
+    real_save = ckpt.save_file
+
+    def crash_on_ema(tensors, path):
+        if path.endswith(ckpt.EMA):
+            raise KeyboardInterrupt("killed")
+        return real_save(tensors, path)
+
+    monkeypatch.setattr(ckpt, "save_file", crash_on_ema)
+    with pytest.raises(KeyboardInterrupt):
+        fastdiff.train(
+            data, steps=4, batch_size=8, out_dir=tmp_path, resume=True, checkpoint_every=2, **TINY
+        )
+    assert ckpt.find_checkpoint(tmp_path).name == "step_00000002"
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
+    monkeypatch.undo()
+    assert fastdiff.load(tmp_path).config["step"] == 2
+
+
+def test_truncated_checkpoint_is_refused(tmp_path):
+    fastdiff.train(tiny_data(), steps=1, batch_size=8, out_dir=tmp_path, n_samples=1, **TINY)
+    weights = ckpt.find_checkpoint(tmp_path) / ckpt.MODEL
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        fastdiff.load(tmp_path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        fastdiff.load(tmp_path / "nothing")
+
+
+def test_non_finite_loss_names_the_step():
+    class Exploding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(()))
+            self.calls = 0
+
+        def forward(self, z, t):
+            self.calls += 1
+            bad = float("nan") if self.calls == 3 else 0.0
+            return z * self.w + bad
+
+    with pytest.raises(NonFiniteLossError, match="step 3"):
+        fastdiff.train(
+            tiny_data(),
+            Exploding(),
+            steps=6,
+            batch_size=4,
+            T=10,
+            log_every=5,
+            device="cpu",
+            progress=False,
+        )
+
+
+def test_any_module_with_forward_z_t_works(tmp_path):
+    class Linear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, 3, padding=1)
+
+        def forward(self, z, t):
+            return self.conv(z)
+
+    d = fastdiff.train(
+        tiny_data(),
+        Linear(),
+        steps=3,
+        batch_size=4,
+        T=10,
+        device="cpu",
+        progress=False,
+        out_dir=tmp_path,
+        n_samples=2,
+    )
+    assert d.sample(2, seed=0).shape == (2, 1, 8, 8)
+    with pytest.raises(CheckpointError, match="model="):
+        fastdiff.load(tmp_path)
+    assert fastdiff.load(tmp_path, model=Linear()).sample(2, seed=0).shape == (2, 1, 8, 8)
+
+
+@pytest.mark.parametrize(
+    "data,kwargs,exc,match",
+    [
+        (tiny_data(channels=3), dict(model=fastdiff.UNet.preset("tiny")), DataError, "channel"),
+        (np.full((4, 1, 8, 8), np.nan, np.float32), {}, DataError, "NaN"),
+        ("/no/such/folder", {}, DataError, "does not exist"),
+        (tiny_data(), dict(steps=-1), ValueError, "steps"),
+        (tiny_data(), dict(batch_size=0), ValueError, "batch_size"),
+        (tiny_data(), dict(precision="fp8"), ValueError, "precision"),
+        (tiny_data(), dict(schedule="quadratic"), ValueError, "schedule"),
+        (tiny_data(), dict(lr=-1.0), ValueError, "lr"),
+    ],
+)
+def test_bad_input(data, kwargs, exc, match):
+    args = dict(steps=2, batch_size=4, T=10, device="cpu", progress=False)
+    args.update(kwargs)
+    model = args.pop("model", None)
+    with pytest.raises(exc, match=match):
+        fastdiff.train(data, model, **args)
+
+
+def test_train_from_numpy_uint8_and_dataset():
+    arr = ((tiny_data(n=8).numpy() + 1) * 127.5).round().astype(np.uint8)
+    fastdiff.train(arr, steps=2, batch_size=4, **TINY)
+    ds = torch.utils.data.TensorDataset(tiny_data(n=8), torch.zeros(8))
+    d = fastdiff.train(ds, steps=2, batch_size=4, **TINY)
+    assert d.image_shape == (1, 8, 8)
+
+
+def test_bf16_autocast_training_runs():
+    d = fastdiff.train(tiny_data(), steps=3, batch_size=4, precision="bf16", **TINY)
+    assert d.config["precision"] == "bf16"
+    assert all(torch.isfinite(p).all() for p in d.model.parameters())
+
+
+def test_channels_last_training_runs():
+    d = fastdiff.train(tiny_data(), steps=2, batch_size=4, channels_last=True, **TINY)
+    assert d.config["channels_last"] is True
