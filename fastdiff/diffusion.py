@@ -176,9 +176,9 @@ def sample(
         variance: "beta" (sigma_t^2 = beta_t) or "posterior".
         cuda_graph: on CUDA, capture one denoising step as a CUDA graph and replay it T times;
             False runs the same step eagerly.  Ignored on CPU (always eager).
-        precision: autocast for the model ("auto", "fp32", "bf16", "fp16"); default: the one
-            the model was trained with.
-        channels_last: memory layout of the latents (default: as trained / auto).
+        precision: autocast for the model ("auto", "fp32", "bf16", "fp16"); default "auto":
+            the fastest for the sampling device (see fastdiff.precision).
+        channels_last: memory layout of the latents (default: auto, as for training).
         device: move the model there first (default: where it is).
         progress: show a tqdm progress bar.
     Returns:
@@ -195,10 +195,8 @@ def sample(
     if device is not None:
         diffusion.to(resolve_device(device))
     dev = diffusion.device
-    prec = resolve_precision(precision or diffusion.config.get("precision", "auto"), dev)
-    cl = resolve_channels_last(
-        channels_last if channels_last is not None else diffusion.config.get("channels_last"), dev
-    )
+    prec = resolve_precision(precision or "auto", dev)
+    cl = resolve_channels_last(channels_last, dev, prec)
     net = diffusion.ema_model if use_ema and diffusion.ema_model is not None else diffusion.model
     if cl:
         net.to(memory_format=torch.channels_last)

@@ -7,15 +7,15 @@ image libraries use uint8 values 0..255.  The mapping is ``x / 127.5 - 1`` one w
 
 from __future__ import annotations
 
+import io
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .atomic import atomic_write_bytes
 from .errors import DataError
 
 __all__ = [
@@ -154,16 +154,9 @@ def save_image_grid(
     """
     grid = make_grid(images, nrow, padding, scale=scale, pad_value=pad_value)
     picture = Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            picture.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    encoded = io.BytesIO()
+    picture.save(encoded, format="PNG")
+    path = atomic_write_bytes(path, encoded.getvalue())
     return path
 
 

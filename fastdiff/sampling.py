@@ -72,7 +72,7 @@ class Sampler:
     def step(self, buf: StepBuffers) -> None:
         """One reverse step on the static buffers, advancing t and the seed in place."""
         with phase("sampler step"):
-            with self.precision.autocast(buf.z.device):
+            with self.precision.autocast(buf.z.device, cache=False):
                 pred = self.model(buf.z, buf.t)
             ops.reverse_step(
                 buf.z,

@@ -230,7 +230,7 @@ def train(
         raise ValueError("resume: needs out_dir, the directory holding the run's checkpoints")
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
-    cl = resolve_channels_last(channels_last, dev)
+    cl = resolve_channels_last(channels_last, dev, prec)
     sched = _schedule(schedule, T).to(dev)
     source = (
         data

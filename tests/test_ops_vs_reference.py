@@ -180,3 +180,16 @@ def test_gradcheck_float64_reference(reference_backend):
     assert torch.autograd.gradcheck(
         lambda z, p: ops.reverse_step(z, p, t, SCHEDULE, noise), (x, pred)
     )
+
+
+@pytest.mark.parametrize("batch", range(1, 10))
+def test_every_batch_size_1_to_9(monkeypatch, batch):
+    """All three kernels at 3x17x13 for each batch size 1..9 (fp32, channels_last)."""
+    (x, pred, noise), t = inputs((batch, 3, 17, 13), torch.float32, "channels_last", n=3)
+    tol = TOLERANCE[torch.float32]
+    got, want = both_backends(monkeypatch, lambda: ops.q_sample(x, t, SCHEDULE, noise))
+    torch.testing.assert_close(got, want, **tol)
+    got, want = both_backends(monkeypatch, lambda: ops.reverse_step(x, pred, t, SCHEDULE, noise))
+    torch.testing.assert_close(got, want, **tol)
+    got, want = both_backends(monkeypatch, lambda: ops.noise_loss(pred, t, seed=batch))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -192,3 +192,40 @@ def test_bf16_autocast_training_runs():
 def test_channels_last_training_runs():
     d = fastdiff.train(tiny_data(), steps=2, batch_size=4, channels_last=True, **TINY)
     assert d.config["channels_last"] is True
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
+def test_cuda_hot_loop_does_not_synchronise(precision):
+    """After warm-up, training steps make no host-device synchronisation (sync debug mode
+    turns any into an error); the loss is only read back at log intervals."""
+    from fastdiff.data import resolve_data
+    from fastdiff.precision import resolve_precision
+    from fastdiff.schedule import NoiseSchedule
+    from fastdiff.training import TrainConfig, _Run, model_for_data
+
+    dev = torch.device("cuda")
+    data = resolve_data(tiny_data(n=64))
+    cfg = TrainConfig(steps=100, batch_size=16, log_every=1000, precision=precision)
+    model = model_for_data((1, 8, 8), "tiny").to(dev, memory_format=torch.channels_last)
+    run = _Run(
+        model,
+        NoiseSchedule.linear(100).to(dev),
+        data,
+        (1, 8, 8),
+        cfg,
+        dev,
+        resolve_precision(precision, dev),
+        True,
+        0,
+    )
+    for _ in range(3):
+        run.train_step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(5):
+            run.train_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(run.losses[:8]).all()

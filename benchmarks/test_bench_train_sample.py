@@ -1,0 +1,327 @@
+"""Whole training steps and sampling runs: fastdiff against the same work written the usual way.
+
+Run: ``pytest benchmarks/ --benchmark-only`` (add ``--benchmark-json=FILE`` for extra_info).
+Each group holds every side of one comparison, timed in the same run; the terminal summary
+prints the median ratio of every two sides that differ in one attribute (impl, precision,
+layout).
+
+Training step (Algorithm 20.1), images/s = batch / median:
+
+* ``fastdiff``: ``fastdiff.training._Run.train_step()``, the run built as ``fastdiff.train``
+  builds it (linear T=1000 schedule, AdamW lr 2e-4 with warm-up, clipping 1.0, EMA 0.9999,
+  the CLI's defaults), on a small in-memory data set: fused q_sample / noise_loss with
+  in-kernel noise (on CPU the torch reference path of those ops), NVTX phase ranges, the
+  loss kept on the device.
+* ``eager``: the same model, optimizer, clipping, autocast and EMA (torch._foreach_lerp_, as
+  fastdiff.ema does), with the noising and loss the usual way: t = torch.randint,
+  eps = torch.randn_like(x), z = sqrt_ac[t] x + sqrt_1m_ac[t] eps, F.mse_loss(pred.float(), eps)
+  (test_bench_ops.eager_q_sample).  Same batch source as the fastdiff side.
+
+Sampling (Algorithm 20.2), s/step = median / T with a linear T=20 schedule (one call = 20
+denoising steps on a batch):
+
+* ``fastdiff_eager``: ``fastdiff.sampling.run_sampler`` with ``cuda_graph=False`` (the step
+  function on static buffers, fused reverse step); what CPU users get.
+* ``fastdiff_graph`` (CUDA only): ``run_sampler`` with ``cuda_graph=True``: the step captured
+  once as a CUDA graph (capture happens in the warm-up rounds) and replayed T times.
+* ``eager``: a plain loop: model forward under the same autocast, the reverse-step formula in
+  torch ops with torch.randn_like (test_bench_ops.eager_reverse_step).
+
+CPU cases: the "digits" preset on 1x16x16, batch 64 (what ``fastdiff train`` runs by default);
+few rounds, since one step takes ~0.25 s on 2 cores.  CUDA cases (skipped without CUDA): the
+"cifar10" preset (35.7M parameters) on 3x32x32, batch 128.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_bench_ops import eager_q_sample, eager_reverse_step
+
+from fastdiff import NoiseSchedule
+from fastdiff.data import resolve_data
+from fastdiff.precision import memory_format, resolve_precision
+from fastdiff.sampling import Sampler, run_sampler
+from fastdiff.training import TrainConfig, _Run, _schedule, model_for_data
+
+NO_CUDA_REASON = "CUDA is not available: the CUDA train/sample benchmark cases need a GPU"
+SAMPLE_T = 20
+DATA_IMAGES = 256  # the in-memory data set: a few batches of random images in [-1, 1]
+SEED = 0
+#: The training settings of the fastdiff CLI's defaults (warm-up 200 steps, the rest as train()).
+CLI_WARMUP = 200
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    device: str
+    preset: str
+    image_shape: tuple[int, int, int]
+    batch: int
+    impl: str  # train: fastdiff / eager; sample: fastdiff_eager / fastdiff_graph / eager
+    precision: str  # fp32 / bf16 / fp16
+    channels_last: bool
+    rounds: int
+    warmup_rounds: int
+
+    @property
+    def layout(self) -> str:
+        return "channels_last" if self.channels_last else "contiguous"
+
+    @property
+    def shape_id(self) -> str:
+        return "x".join(map(str, self.image_shape))
+
+    @property
+    def id(self) -> str:
+        return (
+            f"{self.device}-{self.preset}-b{self.batch}-{self.precision}-{self.layout}-{self.impl}"
+        )
+
+    def group(self, what: str) -> str:
+        return f"{what} {self.device} {self.preset} {self.shape_id} b{self.batch}"
+
+    def attrs(self) -> dict:
+        return {"impl": self.impl, "precision": self.precision, "layout": self.layout}
+
+    def info(self, prec) -> dict:
+        dtype = prec.autocast_dtype or torch.float32
+        return {
+            "preset": self.preset,
+            "batch": self.batch,
+            "image_shape": list(self.image_shape),
+            "channels_last": self.channels_last,
+            "autocast_dtype": str(dtype).removeprefix("torch."),
+            "torch_threads": torch.get_num_threads(),
+        }
+
+
+def _cpu(impl, precision, channels_last, rounds, warmup):
+    return Case("cpu", "digits", (1, 16, 16), 64, impl, precision, channels_last, rounds, warmup)
+
+
+def _cuda(impl, precision, channels_last, rounds, warmup):
+    return Case("cuda", "cifar10", (3, 32, 32), 128, impl, precision, channels_last, rounds, warmup)
+
+
+#: CPU: one step ~0.25 s (fp32) on 2 cores, so 10 timed rounds after 2 warm-up calls.
+TRAIN_CASES = [
+    _cpu("fastdiff", "fp32", False, 10, 2),
+    _cpu("fastdiff", "fp32", True, 10, 2),
+    _cpu("fastdiff", "bf16", False, 10, 2),
+    _cpu("fastdiff", "bf16", True, 10, 2),
+    _cpu("eager", "fp32", False, 10, 2),
+    _cpu("eager", "bf16", False, 10, 2),  # the CPU "auto" choice on AMX machines
+    # CUDA: channels_last (fastdiff's default there) in bf16 / fp32 / fp16, both sides, and
+    # fastdiff bf16 contiguous for the layout ratio.  Warm-up covers Triton compilation.
+    *(
+        _cuda(impl, p, True, 20, 3)
+        for p in ("bf16", "fp32", "fp16")
+        for impl in ("fastdiff", "eager")
+    ),
+    _cuda("fastdiff", "bf16", False, 20, 3),
+]
+
+#: One call = SAMPLE_T denoising steps (CPU: ~1.3 s per call on 2 idle cores).
+SAMPLE_CASES = [
+    _cpu("fastdiff_eager", "fp32", False, 5, 1),
+    _cpu("fastdiff_eager", "fp32", True, 5, 1),
+    _cpu("fastdiff_eager", "bf16", False, 5, 1),
+    _cpu("eager", "fp32", False, 5, 1),
+    *(_cuda(impl, "bf16", True, 10, 2) for impl in ("fastdiff_graph", "fastdiff_eager", "eager")),
+]
+
+
+def _params(cases):
+    out = []
+    for c in cases:
+        marks = []
+        if c.device == "cuda":
+            marks.append(pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA_REASON))
+        out.append(pytest.param(c, id=c.id, marks=marks))
+    return out
+
+
+def _check_supported(case: Case) -> None:
+    if case.device == "cuda" and case.precision == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this CUDA device does not support bf16")
+
+
+@pytest.fixture(scope="module")
+def base_model():
+    """``base_model(case)``: the case's preset built once per (preset, shape) on CPU, seeded as
+    fastdiff.train seeds it; each test takes a deep copy (training changes the weights)."""
+    cache = {}
+
+    def get(case: Case):
+        key = (case.preset, case.image_shape)
+        if key not in cache:
+            torch.manual_seed(SEED)
+            cache[key] = model_for_data(case.image_shape, case.preset)
+        return copy.deepcopy(cache[key])
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def data_set():
+    """``data_set(case)``: DATA_IMAGES random images of the case's shape in [-1, 1] (CPU)."""
+    cache = {}
+
+    def get(case: Case):
+        if case.image_shape not in cache:
+            g = torch.Generator().manual_seed(SEED)
+            cache[case.image_shape] = (
+                torch.rand(DATA_IMAGES, *case.image_shape, generator=g) * 2 - 1
+            )
+        return cache[case.image_shape]
+
+    return get
+
+
+# -- training ---------------------------------------------------------------------------------
+
+
+def _fastdiff_run(case: Case, model, data) -> _Run:
+    """A training run set up the way fastdiff.train sets it up (minus output and resume)."""
+    dev = torch.device(case.device)
+    cfg = TrainConfig(
+        steps=10**9, batch_size=case.batch, warmup_steps=CLI_WARMUP, precision=case.precision,
+        channels_last=case.channels_last, seed=SEED,
+    )  # fmt: skip
+    prec = resolve_precision(case.precision, dev)
+    sched = _schedule("linear", 1000).to(dev)
+    source = resolve_data(data)
+    model.to(dev, memory_format=memory_format(case.channels_last)).train()
+    return _Run(model, sched, source, case.image_shape, cfg, dev, prec, case.channels_last, 0)
+
+
+class EagerTrainer:
+    """The same step the usual way: eager noising and F.mse_loss, same optimizer and EMA."""
+
+    def __init__(self, run: _Run):
+        self.model, self.batches, self.cfg = run.model, run.batches, run.cfg
+        self.device, self.prec, self.T = run.device, run.prec, run.schedule.T
+        self.fmt = memory_format(run.channels_last)
+        self.sqrt_ac = run.schedule.table("sqrt_alphas_cumprod")
+        self.sqrt_1m_ac = run.schedule.table("sqrt_one_minus_alphas_cumprod")
+        self.params = list(self.model.parameters())
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
+            fused=self.device.type == "cuda" or None,
+        )  # fmt: skip
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.prec.grad_scaling)
+        self.shadow = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.shadow_params = list(self.shadow.parameters())
+        self.buffers = list(zip(self.shadow.buffers(), self.model.buffers(), strict=True))
+        self.step = 0
+
+    def train_step(self) -> torch.Tensor:
+        cfg, k = self.cfg, self.step
+        x = self.batches.next_batch().contiguous(memory_format=self.fmt)
+        t = torch.randint(0, self.T, (x.shape[0],), device=self.device)
+        z, eps = eager_q_sample(x, t, self.sqrt_ac, self.sqrt_1m_ac)
+        with self.prec.autocast(self.device):
+            pred = self.model(z, t)
+        loss = F.mse_loss(pred.float(), eps)
+        self.scaler.scale(loss).backward()
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr * min(1.0, (k + 1) / cfg.warmup_steps)
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=True)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            decay = min(cfg.ema_decay, (1.0 + k) / (10.0 + k))
+            torch._foreach_lerp_(self.shadow_params, self.params, 1.0 - decay)
+            for sb, mb in self.buffers:
+                sb.copy_(mb)
+        self.step = k + 1
+        return loss.detach()
+
+
+@pytest.mark.parametrize("case", _params(TRAIN_CASES))
+def test_train_step(measure_rounds, base_model, data_set, case):
+    _check_supported(case)
+    run = _fastdiff_run(case, base_model(case), data_set(case))
+    prec = run.prec
+    # The eager side borrows the run's model, batch source and settings, nothing else.
+    fn = run.train_step if case.impl == "fastdiff" else EagerTrainer(run).train_step
+    measure_rounds(
+        fn,
+        group=case.group("train_step"),
+        side=case.id.split(f"b{case.batch}-", 1)[1],
+        device=case.device,
+        rounds=case.rounds,
+        warmup_rounds=case.warmup_rounds,
+        derive=lambda median: {"images_per_s": round(case.batch / median, 1)},
+        attrs=case.attrs(),
+        what="train_step",
+        **case.info(prec),
+    )
+    assert all(torch.isfinite(p).all() for p in run.model.parameters())
+
+
+# -- sampling ---------------------------------------------------------------------------------
+
+
+def _eager_sampler(model, schedule, prec, case: Case):
+    """Algorithm 20.2 the usual way: forward, reverse-step formula in torch ops, randn_like."""
+    dev = torch.device(case.device)
+    betas = schedule.table("betas")
+    alphas_cumprod = schedule.table("alphas_cumprod")
+    sigma = schedule.table("sigma_beta")
+    fmt = memory_format(case.channels_last)
+    shape = (case.batch, *case.image_shape)
+
+    def sample():
+        with torch.inference_mode():
+            z = torch.randn(shape, device=dev).contiguous(memory_format=fmt)
+            for i in reversed(range(schedule.T)):
+                t = torch.full((case.batch,), i, dtype=torch.long, device=dev)
+                with prec.autocast(dev):
+                    pred = model(z, t)
+                z = eager_reverse_step(z, pred, t, betas, alphas_cumprod, sigma)
+            return z.float().clamp_(-1.0, 1.0)
+
+    return sample
+
+
+@pytest.mark.parametrize("case", _params(SAMPLE_CASES))
+def test_sample(measure_rounds, base_model, case):
+    _check_supported(case)
+    dev = torch.device(case.device)
+    prec = resolve_precision(case.precision, dev)
+    schedule = NoiseSchedule.linear(SAMPLE_T).to(dev)
+    model = base_model(case).to(dev, memory_format=memory_format(case.channels_last))
+    model.eval().requires_grad_(False)
+    if case.impl == "eager":
+        fn = _eager_sampler(model, schedule, prec, case)
+    else:
+        sampler = Sampler(model, schedule, precision=prec, channels_last=case.channels_last)
+        graph = case.impl == "fastdiff_graph"
+
+        def fn():
+            return run_sampler(sampler, case.batch, case.image_shape, dev, seed=SEED,
+                               batch_size=case.batch, cuda_graph=graph)  # fmt: skip
+
+    images = measure_rounds(
+        fn,
+        group=case.group(f"sample T={SAMPLE_T}"),
+        side=case.id.split(f"b{case.batch}-", 1)[1],
+        device=case.device,
+        rounds=case.rounds,
+        warmup_rounds=case.warmup_rounds,
+        derive=lambda median: {"s_per_step": median / SAMPLE_T},
+        attrs=case.attrs(),
+        what="sample",
+        steps=SAMPLE_T,
+        **case.info(prec),
+    )
+    assert images.shape == (case.batch, *case.image_shape)
+    assert torch.isfinite(images).all()
