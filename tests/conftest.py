@@ -1,12 +1,18 @@
-"""Shared test set-up.  TRITON_INTERPRET must be set before anything imports triton."""
+"""Shared test set-up.
+
+Without a GPU, the Triton kernels run under the interpreter on CPU tensors, which needs
+TRITON_INTERPRET=1 before anything imports triton.  With a GPU, the kernel tests run the
+compiled kernels on CUDA tensors instead (helpers.DEVICE).
+"""
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 
 @pytest.fixture

@@ -2,6 +2,10 @@
 
 import torch
 
+#: Where the kernel tests run: compiled kernels on CUDA tensors when a GPU is present, else the
+#: Triton interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET then).
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 #: Relative/absolute tolerance of a Triton result against the torch reference, per dtype.
 #: fp32: both compute the same fp32 formula (FMA contraction may differ: ~1 ulp).  bf16/fp16:
 #: both round the same fp32 value to the output dtype; a 1-ulp flip of the rounding is allowed.

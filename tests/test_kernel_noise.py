@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from helpers import with_layout
+from helpers import DEVICE, with_layout
 
 from fastdiff import NoiseSchedule, ops
 from fastdiff.kernels.reference import philox_normal
@@ -26,9 +26,10 @@ BOUND = 6.0 / math.sqrt(N)
 
 
 def kernel_eps(seed, shape=SHAPE, layout="contiguous"):
-    x = with_layout(torch.zeros(shape), layout)
-    t = torch.zeros(shape[0], dtype=torch.long)
-    return q_sample_triton(x, t, torch.zeros(1), torch.ones(1), seed=seed)
+    x = with_layout(torch.zeros(shape, device=DEVICE), layout)
+    t = torch.zeros(shape[0], dtype=torch.long, device=DEVICE)
+    ones, zeros = torch.ones(1, device=DEVICE), torch.zeros(1, device=DEVICE)
+    return q_sample_triton(x, t, zeros, ones, seed=seed)
 
 
 def corr(a, b):
@@ -94,8 +95,9 @@ def draw(out_ptr, seed_ptr, base, BLOCK: tl.constexpr):
 def test_counter_above_2_pow_32():
     """Element indices past 2^32 use the high counter word, as Triton's randn does."""
     start = 2**32 + 5
-    out = torch.empty(64)
-    draw[(1,)](out, torch.tensor([7]), start, BLOCK=64)
+    out = torch.empty(64, device=DEVICE)
+    draw[(1,)](out, torch.tensor([7], device=DEVICE), start, BLOCK=64)
+    out = out.cpu()
     torch.testing.assert_close(out, philox_normal(7, (64,), start=start), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(out, philox_normal(7, (64,), start=5))
 
@@ -103,9 +105,9 @@ def test_counter_above_2_pow_32():
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_q_sample_and_noise_loss_share_eps(triton_backend, layout):
     """noise_loss(seed=s) regenerates exactly the eps that q_sample(seed=s) used."""
-    schedule = NoiseSchedule.linear(1000)
-    x = with_layout(torch.rand(4, 3, 9, 7) * 2 - 1, layout)
-    t = torch.tensor([0, 10, 500, 999])
+    schedule = NoiseSchedule.linear(1000).to(DEVICE)
+    x = with_layout(torch.rand(4, 3, 9, 7, device=DEVICE) * 2 - 1, layout)
+    t = torch.tensor([0, 10, 500, 999], device=DEVICE)
     z = ops.q_sample(x, t, schedule, seed=42)
     a = schedule.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1)
     b = schedule.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1)

@@ -10,13 +10,13 @@ import zlib
 
 import pytest
 import torch
-from helpers import SHAPES, TOLERANCE, is_layout, with_layout
+from helpers import DEVICE, SHAPES, TOLERANCE, is_layout, with_layout
 
 from fastdiff import NoiseSchedule, ops
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 LAYOUTS = ["contiguous", "channels_last"]
-SCHEDULE = NoiseSchedule.linear(1000)
+SCHEDULE = NoiseSchedule.linear(1000).to(DEVICE)
 
 
 def both_backends(monkeypatch, fn):
@@ -29,10 +29,12 @@ def both_backends(monkeypatch, fn):
 
 def inputs(shape, dtype, layout, n=2):
     gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, dtype, layout)).encode()))
-    tensors = [with_layout(torch.randn(shape, generator=gen).to(dtype), layout) for _ in range(n)]
+    tensors = [
+        with_layout(torch.randn(shape, generator=gen).to(DEVICE, dtype), layout) for _ in range(n)
+    ]
     t = torch.randint(0, SCHEDULE.T, (shape[0],), generator=gen)
     t[0] = 0  # always exercise the final, noise-free step
-    return tensors, t
+    return tensors, t.to(DEVICE)
 
 
 @pytest.mark.parametrize("shape,dtype,layout", list(itertools.product(SHAPES, DTYPES, LAYOUTS)))
@@ -46,7 +48,7 @@ def test_q_sample_explicit_noise(monkeypatch, shape, dtype, layout):
 @pytest.mark.parametrize("shape,dtype,layout", list(itertools.product(SHAPES, DTYPES, LAYOUTS)))
 def test_noise_loss_explicit_noise(monkeypatch, shape, dtype, layout):
     (pred, noise), t = inputs(shape, dtype, layout)
-    weights = torch.rand(shape[0])
+    weights = torch.rand(shape[0], device=DEVICE)
     for reduction, w in [("mean", None), ("none", None), ("mean", weights), ("none", weights)]:
         got, want = both_backends(
             monkeypatch,
@@ -100,7 +102,7 @@ def test_non_dense_input_is_accepted(monkeypatch):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_gradients_match_reference_autograd(monkeypatch, layout):
     (x, pred, noise), t = inputs((4, 3, 5, 7), torch.float32, layout, n=3)
-    weights = torch.rand(4)
+    weights = torch.rand(4, device=DEVICE)
 
     def grads(seeded):
         xs = x.clone().requires_grad_()
@@ -120,7 +122,7 @@ def test_gradients_match_reference_autograd(monkeypatch, layout):
 
 def test_per_sample_loss_backward(monkeypatch):
     (pred, noise), t = inputs((5, 2, 3, 4), torch.float32, "contiguous")
-    upstream = torch.randn(5)
+    upstream = torch.randn(5, device=DEVICE)
 
     def grad():
         p = pred.clone().requires_grad_()
@@ -155,30 +157,31 @@ def test_reverse_step_writes_into_out(monkeypatch, triton_backend):
 def test_seed_from_device_tensor(triton_backend):
     (x,), t = inputs((2, 3, 4, 4), torch.float32, "contiguous", n=1)
     from_int = ops.q_sample(x, t, SCHEDULE, seed=77)
-    from_tensor = ops.q_sample(x, t, SCHEDULE, seed=torch.tensor([77]))
+    from_tensor = ops.q_sample(x, t, SCHEDULE, seed=torch.tensor([77], device=DEVICE))
     assert torch.equal(from_int, from_tensor)
 
 
 def test_empty_batch(triton_backend):
-    x = torch.zeros(0, 3, 4, 4)
-    t = torch.zeros(0, dtype=torch.long)
+    x = torch.zeros(0, 3, 4, 4, device=DEVICE)
+    t = torch.zeros(0, dtype=torch.long, device=DEVICE)
     assert ops.q_sample(x, t, SCHEDULE, seed=1).shape == x.shape
 
 
 def test_gradcheck_float64_reference(reference_backend):
+    schedule = SCHEDULE.to("cpu")
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 2, 3, 3, dtype=torch.float64, generator=gen, requires_grad=True)
     pred = torch.randn(2, 2, 3, 3, dtype=torch.float64, generator=gen, requires_grad=True)
     noise = torch.randn(2, 2, 3, 3, dtype=torch.float64, generator=gen)
     t = torch.tensor([0, 500])
     w = torch.tensor([0.5, 2.0], dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda x: ops.q_sample(x, t, SCHEDULE, noise), (x,))
+    assert torch.autograd.gradcheck(lambda x: ops.q_sample(x, t, schedule, noise), (x,))
     assert torch.autograd.gradcheck(lambda p: ops.noise_loss(p, t, noise=noise, weights=w), (pred,))
     assert torch.autograd.gradcheck(
         lambda p: ops.noise_loss(p, t, seed=3, reduction="none"), (pred,)
     )
     assert torch.autograd.gradcheck(
-        lambda z, p: ops.reverse_step(z, p, t, SCHEDULE, noise), (x, pred)
+        lambda z, p: ops.reverse_step(z, p, t, schedule, noise), (x, pred)
     )
 
 

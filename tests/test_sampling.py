@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers import DEVICE
 from torch import nn
 
 import fastdiff
@@ -60,7 +61,7 @@ def test_shape_range_and_determinism():
 def test_sampling_through_triton_kernels_matches_reference(monkeypatch):
     """The eager sampler over the Triton reverse step (interpreter) equals the reference."""
     pytest.importorskip("triton")
-    d = gaussian_diffusion(0.1, 0.5, T=10)
+    d = gaussian_diffusion(0.1, 0.5, T=10).to(DEVICE)
     monkeypatch.setenv("FASTDIFF_BACKEND", "reference")
     want = d.sample(3, seed=1)
     monkeypatch.setenv("FASTDIFF_BACKEND", "triton")

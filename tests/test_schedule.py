@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import DEVICE
 
 from fastdiff import NoiseSchedule, ops
 
@@ -130,10 +131,10 @@ def test_mean_with_true_noise_is_the_posterior_mean(reference_backend):
 
 
 def test_last_step_with_true_noise_returns_x(backend):
-    s = NoiseSchedule.linear(1000)
-    x = torch.rand(4, 3, 5, 5) * 2 - 1
+    s = NoiseSchedule.linear(1000).to(DEVICE)
+    x = torch.rand(4, 3, 5, 5, device=DEVICE) * 2 - 1
     eps = torch.randn_like(x)
-    t = torch.zeros(4, dtype=torch.long)
+    t = torch.zeros(4, dtype=torch.long, device=DEVICE)
     z1 = ops.q_sample(x, t, s, eps)
     torch.testing.assert_close(ops.reverse_step(z1, eps, t, s, seed=3), x, rtol=0, atol=1e-5)
 
@@ -141,12 +142,12 @@ def test_last_step_with_true_noise_returns_x(backend):
 @pytest.mark.parametrize("variance", ["beta", "posterior"])
 def test_oracle_chain_recovers_x(backend, variance):
     """T reverse steps from pure noise, pred = the true noise of the current z, give back x."""
-    s = NoiseSchedule.linear(100)
+    s = NoiseSchedule.linear(100).to(DEVICE)
     dtype = torch.float32
-    x = torch.rand(2, 1, 4, 4, dtype=dtype) * 2 - 1
+    x = torch.rand(2, 1, 4, 4, dtype=dtype, device=DEVICE) * 2 - 1
     z = torch.randn_like(x)
     for i in reversed(range(s.T)):
-        t = torch.full((2,), i, dtype=torch.long)
+        t = torch.full((2,), i, dtype=torch.long, device=DEVICE)
         a = s.sqrt_alphas_cumprod[i].to(dtype)
         b = s.sqrt_one_minus_alphas_cumprod[i].to(dtype)
         pred = (z - a * x) / b
