@@ -114,6 +114,7 @@ TRAIN_CASES = [
     _cpu("fastdiff", "fp32", True, 10, 2),
     _cpu("fastdiff", "bf16", False, 10, 2),
     _cpu("fastdiff", "bf16", True, 10, 2),
+    _cpu("fastdiff", "fp16", False, 5, 1),  # fp16 autocast + GradScaler: slow on CPU
     _cpu("eager", "fp32", False, 10, 2),
     _cpu("eager", "bf16", False, 10, 2),  # the CPU "auto" choice on AMX machines
     # CUDA: channels_last (fastdiff's default there) in bf16 / fp32 / fp16, both sides, and

@@ -183,9 +183,11 @@ def test_train_from_numpy_uint8_and_dataset():
     assert d.image_shape == (1, 8, 8)
 
 
-def test_bf16_autocast_training_runs():
-    d = fastdiff.train(tiny_data(), steps=3, batch_size=4, precision="bf16", **TINY)
-    assert d.config["precision"] == "bf16"
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
+def test_each_precision_trains(precision):
+    """bf16 autocast, fp16 autocast with a GradScaler, and fp32 all step and stay finite."""
+    d = fastdiff.train(tiny_data(), steps=3, batch_size=4, precision=precision, **TINY)
+    assert d.config["precision"] == precision
     assert all(torch.isfinite(p).all() for p in d.model.parameters())
 
 
