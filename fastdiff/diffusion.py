@@ -157,6 +157,7 @@ def sample(
     batch_size: int | None = None,
     use_ema: bool = True,
     variance: str = "beta",
+    eta: float = 0.0,
     cuda_graph: bool = True,
     precision: str | None = None,
     channels_last=None,
@@ -168,12 +169,14 @@ def sample(
     Args:
         diffusion_or_path: a Diffusion, or a checkpoint path for ``fastdiff.load``.
         n: number of images.
-        steps: must be None or T (ddpm runs every step of the trained schedule).
-        sampler: "ddpm".
+        sampler: "ddpm" (Algorithm 20.2, every one of the T steps, fused reverse step) or
+            "ddim" (Song et al. 2021: ``steps`` evenly spaced steps, default 50).
+        steps: for ddim, how many denoising steps; for ddpm None or T.
         seed: same seed -> same images (on the same device and backend); None draws one.
         batch_size: images denoised at once (default min(n, 256)).
         use_ema: sample with the EMA weights when the model has them (default).
-        variance: "beta" (sigma_t^2 = beta_t) or "posterior".
+        variance: ddpm's noise: "beta" (sigma_t^2 = beta_t) or "posterior".
+        eta: ddim's noise scale: 0 deterministic (default), 1 DDPM-like.
         cuda_graph: on CUDA, capture one denoising step as a CUDA graph and replay it T times;
             False runs the same step eagerly.  Ignored on CPU (always eager).
         precision: autocast for the model ("auto", "fp32", "bf16", "fp16"); default "auto":
@@ -191,7 +194,7 @@ def sample(
     )
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, ()).item())
-    batch_size = check_sample_args(n, batch_size, seed, steps, sampler, diffusion.schedule.T)
+    batch_size = check_sample_args(n, batch_size, seed, steps, sampler, eta, diffusion.schedule.T)
     if device is not None:
         diffusion.to(resolve_device(device))
     dev = diffusion.device
@@ -204,8 +207,9 @@ def sample(
     net.eval()
     try:
         runner = Sampler(
-            net, diffusion.schedule, precision=prec, channels_last=cl, variance=variance
-        )
+            net, diffusion.schedule, precision=prec, channels_last=cl, variance=variance,
+            sampler=sampler, steps=steps, eta=eta,
+        )  # fmt: skip
         return run_sampler(
             runner,
             n,

@@ -4,6 +4,7 @@
     noise_loss    mean of (pred - eps)^2                                  (Algorithm 20.1 loss)
     reverse_step  z_{t-1} = (z_t - beta_t / sqrt(1 - alpha_t) pred) / sqrt(1 - beta_t)
                             + sigma_t eps,   no noise where t == 0         (Algorithm 20.2)
+    ddim_step     z_{t_prev} from the predicted x0 (Song et al. 2021; torch only so far)
 
 ``t`` holds 0-based step indices ``i = t - 1`` in ``0..T-1``, one per sample (shape (B,)).
 Image-like tensors are (B, ...) -- usually (B, C, H, W) -- in fp32, bf16 or fp16 (fp64 on the
@@ -398,3 +399,50 @@ def reverse_step(
         None if seed is None else _seed_buffer(seed, z_t.device),
         out,
     )
+
+
+def ddim_step(
+    z_t: torch.Tensor,
+    pred: torch.Tensor,
+    t: torch.Tensor,
+    t_prev: torch.Tensor,
+    schedule: NoiseSchedule,
+    noise: torch.Tensor | None = None,
+    *,
+    seed=None,
+    eta: float = 0.0,
+    validate: bool = True,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One DDIM step (Song et al. 2021) from step t to an earlier step t_prev.
+
+        x0     = (z_t - sqrt(1 - alpha_t) pred) / sqrt(alpha_t)
+        z_prev = sqrt(alpha_prev) x0 + sqrt(1 - alpha_prev - sigma^2) pred + sigma eps,
+        sigma  = eta sqrt((1 - alpha_prev) / (1 - alpha_t)) sqrt(1 - alpha_t / alpha_prev)
+
+    Args:
+        t, t_prev: (B,) int64 0-based indices with t_prev < t; t_prev = -1 means the clean
+            image (alpha_prev = 1), so the last step returns x0.
+        eta: 0 gives the deterministic DDIM sampler; 1 the DDPM-like stochastic one.
+        noise / seed: eps as for q_sample (multiplied by sigma, so not drawn when eta = 0).
+    Always runs the torch reference (a fused kernel is future work).  With eta > 0 and a
+    seed tensor on CUDA, drawing eps reads the seed back to the host, so such steps cannot be
+    captured in a CUDA graph.
+    """
+    _check_images("z_t", z_t)
+    _check_like("pred", pred, z_t, "z_t")
+    _check_schedule(schedule, z_t)
+    _check_t(t, z_t, schedule.T, validate)
+    if not isinstance(t_prev, torch.Tensor) or t_prev.shape != t.shape:
+        raise ValueError(f"t_prev: expected a tensor shaped like t {tuple(t.shape)}")
+    if validate and t.numel() and bool((t_prev >= t).any() or (t_prev < -1).any()):
+        raise ValueError("t_prev: every t_prev must satisfy -1 <= t_prev < t")
+    _check_noise_or_seed(noise, seed, z_t, "z_t")
+    if not 0.0 <= float(eta) <= 1.0:
+        raise ValueError(f"eta: expected a value in [0, 1], got {eta}")
+    cd = torch.float64 if z_t.dtype == torch.float64 else torch.float32
+    result = ref.ddim_step_reference(
+        z_t, pred, t, t_prev, schedule.table("alphas_cumprod", cd), float(eta),
+        _reference_eps(noise, seed, z_t) if eta > 0 else None,
+    )  # fmt: skip
+    return result if out is None else out.copy_(result)

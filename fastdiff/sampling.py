@@ -2,12 +2,15 @@
 
     z_T ~ N(0, I);  for i = T-1 .. 0:  z <- reverse_step(z, g(z, i), i)      (i = t - 1)
 
+(or, with ``sampler="ddim"``, a few evenly spaced steps with the DDIM update).
+
 Every step runs on three static device buffers: the latents ``z`` (B, C, H, W), the step
 index ``t`` (B,) and the noise seed (1,).  One step is: pred = model(z, t); z <- mu + sigma eps
-(in place); t -= 1; seed += 1.  Because t and the seed live in device memory and are advanced
-by the step itself, that step is captured once as a CUDA graph and replayed T times with no
-host work in between, and it produces exactly the same images as the eager loop, which runs
-the very same step function (CPU, or ``cuda_graph=False``).
+(in place); t <- prev_step[t] (t - 1 for ddpm); seed += 1.  Because t and the seed live in
+device memory and are advanced by the step itself, that step is captured once as a CUDA graph
+and replayed once per step with no host work in between, and it produces exactly the same
+images as the eager loop, which runs the very same step function (CPU, or
+``cuda_graph=False``).
 
 Seeds: ``sample(..., seed=s)`` draws z_T for batch b from a torch.Generator seeded with
 (s, b) and the step noise from in-kernel Philox with seeds derived from (s, b); the same seed
@@ -26,7 +29,7 @@ from .precision import Precision, memory_format
 from .profiling import phase
 from .schedule import NoiseSchedule
 
-SAMPLERS = ("ddpm",)
+SAMPLERS = ("ddpm", "ddim")
 #: Spacing of the per-batch seed streams: batch b of seed s uses step seeds
 #: s * 2**32 + b * 2**20 + k (k < T <= 2**20).
 _BATCH_STRIDE, _SEED_STRIDE = 2**20, 2**32
@@ -35,9 +38,9 @@ _BATCH_STRIDE, _SEED_STRIDE = 2**20, 2**32
 class StepBuffers:
     """The static state of one sampling batch: latents, step indices and seed, on device."""
 
-    def __init__(self, z: torch.Tensor, T: int, seed: int):
+    def __init__(self, z: torch.Tensor, first_step: int, seed: int):
         self.z = z
-        self.t = torch.full((z.shape[0],), T - 1, dtype=torch.long, device=z.device)
+        self.t = torch.full((z.shape[0],), first_step, dtype=torch.long, device=z.device)
         self.seed = torch.full((1,), seed, dtype=torch.long, device=z.device)
 
     def snapshot(self):
@@ -49,7 +52,13 @@ class StepBuffers:
 
 
 class Sampler:
-    """Runs the reverse chain for batches of one shape; see the module docstring."""
+    """Runs the reverse chain for batches of one shape; see the module docstring.
+
+    ``sampler="ddpm"`` visits every step T-1 .. 0 with the fused reverse step;
+    ``sampler="ddim"`` visits ``steps`` evenly spaced steps (T-1 .. 0) with the DDIM update.
+    Either way the next step index comes from a device table, ``prev_step[t]`` (-1 after the
+    last step), so one captured step serves every replay.
+    """
 
     def __init__(
         self,
@@ -59,6 +68,9 @@ class Sampler:
         precision: Precision,
         channels_last: bool,
         variance: str = "beta",
+        sampler: str = "ddpm",
+        steps: int | None = None,
+        eta: float = 0.0,
     ):
         if variance not in ops.VARIANCES:
             raise ValueError(f"variance: expected one of {sorted(ops.VARIANCES)}, got {variance!r}")
@@ -67,46 +79,75 @@ class Sampler:
         self.precision = precision
         self.channels_last = channels_last
         self.variance = variance
+        self.kind = sampler
+        self.eta = float(eta)
+        self.timesteps = sampling_timesteps(schedule.T, sampler, steps)
+        prev = torch.full((schedule.T,), -1, dtype=torch.long)
+        prev[self.timesteps[:-1]] = torch.tensor(self.timesteps[1:], dtype=torch.long)
+        self.prev_step = prev.to(schedule.device)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, StepBuffers]] = {}
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def capturable(self) -> bool:
+        """DDIM with eta > 0 draws its noise on the host (no DDIM kernel yet)."""
+        return self.kind == "ddpm" or self.eta == 0.0
 
     def step(self, buf: StepBuffers) -> None:
         """One reverse step on the static buffers, advancing t and the seed in place."""
         with phase("sampler step"):
             with self.precision.autocast(buf.z.device, cache=False):
                 pred = self.model(buf.z, buf.t)
-            ops.reverse_step(
-                buf.z,
-                pred,
-                buf.t,
-                self.schedule,
-                seed=buf.seed,
-                variance=self.variance,
-                validate=False,
-                out=buf.z,
-            )
-            buf.t.sub_(1)
+            t_prev = self.prev_step[buf.t]
+            if self.kind == "ddpm":
+                ops.reverse_step(
+                    buf.z,
+                    pred,
+                    buf.t,
+                    self.schedule,
+                    seed=buf.seed,
+                    variance=self.variance,
+                    validate=False,
+                    out=buf.z,
+                )
+            else:
+                ops.ddim_step(
+                    buf.z,
+                    pred,
+                    buf.t,
+                    t_prev,
+                    self.schedule,
+                    seed=buf.seed,
+                    eta=self.eta,
+                    validate=False,
+                    out=buf.z,
+                )
+            buf.t.copy_(t_prev)
             buf.seed.add_(1)
 
     def run_eager(self, buf: StepBuffers) -> torch.Tensor:
-        for _ in range(self.schedule.T):
+        for _ in range(self.num_steps):
             self.step(buf)
         return buf.z
 
     def run_graph(self, z0: torch.Tensor, seed: int) -> torch.Tensor:
-        """Capture the step once for this batch size (cached), then replay it T times."""
+        """Capture the step once for this batch size (cached), then replay it per step."""
         B = z0.shape[0]
         if B not in self._graphs:
             self._graphs[B] = self._capture(torch.empty_like(z0))
         graph, buf = self._graphs[B]
         buf.z.copy_(z0)
-        buf.t.fill_(self.schedule.T - 1)
+        buf.t.fill_(self.timesteps[0])
         buf.seed.fill_(seed)
-        for _ in range(self.schedule.T):
+        for _ in range(self.num_steps):
             graph.replay()
         return buf.z.clone()
 
     def _capture(self, z: torch.Tensor):
-        buf = StepBuffers(z.normal_(), self.schedule.T, 0)
+        buf = StepBuffers(z.normal_(), self.timesteps[0], 0)
         snap = buf.snapshot()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -119,6 +160,14 @@ class Sampler:
         with torch.cuda.graph(graph):
             self.step(buf)
         return graph, buf
+
+
+def sampling_timesteps(T: int, sampler: str, steps: int | None) -> list[int]:
+    """The 0-based step indices a sampler visits, first (T-1) to last (0)."""
+    if sampler == "ddpm":
+        return list(range(T - 1, -1, -1))
+    steps = min(steps or 50, T)
+    return sorted({round(i * (T - 1) / max(steps - 1, 1)) for i in range(steps)}, reverse=True)
 
 
 def initial_noise(shape, device, seed: int, batch_index: int, channels_last: bool):
@@ -140,9 +189,9 @@ def run_sampler(
     progress: bool = False,
 ) -> torch.Tensor:
     """n images (n, C, H, W) in [-1, 1], float32 on ``device``, batch by batch."""
-    use_graph = cuda_graph and device.type == "cuda"
+    use_graph = cuda_graph and device.type == "cuda" and sampler.capturable
     batches = math.ceil(n / batch_size)
-    bar = _progress(batches * sampler.schedule.T, progress)
+    bar = _progress(batches * sampler.num_steps, progress)
     out = []
     with torch.inference_mode():
         for b in range(batches):
@@ -152,9 +201,9 @@ def run_sampler(
             if use_graph:
                 z = sampler.run_graph(z0, step_seed)
             else:
-                z = sampler.run_eager(StepBuffers(z0, sampler.schedule.T, step_seed))
+                z = sampler.run_eager(StepBuffers(z0, sampler.timesteps[0], step_seed))
             out.append(z.float().clamp_(-1.0, 1.0).contiguous())
-            bar.update(sampler.schedule.T)
+            bar.update(sampler.num_steps)
     bar.close()
     return torch.cat(out)
 
@@ -175,7 +224,7 @@ class _NoBar:
         pass
 
 
-def check_sample_args(n, batch_size, seed, steps, sampler, T) -> int:
+def check_sample_args(n, batch_size, seed, steps, sampler, eta, T) -> int:
     """Validate sample()'s arguments before any work; returns the batch size to use."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n: expected a positive number of images, got {n!r}")
@@ -187,10 +236,17 @@ def check_sample_args(n, batch_size, seed, steps, sampler, T) -> int:
         raise ValueError(f"seed: expected an integer in [0, 2**31), got {seed!r}")
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler: expected one of {SAMPLERS}, got {sampler!r}")
-    if steps is not None and steps != T:
+    if sampler == "ddpm" and steps is not None and steps != T:
         raise ValueError(
-            f"steps: the ddpm sampler runs all T={T} steps of the trained schedule, got {steps}"
+            f"steps: the ddpm sampler runs all T={T} steps of the trained schedule, got {steps};"
+            " use sampler='ddim' for fewer"
         )
+    if steps is not None and (
+        isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T
+    ):
+        raise ValueError(f"steps: expected an integer in 1..{T}, got {steps!r}")
+    if not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta: expected a number in [0, 1], got {eta!r}")
     if T > _BATCH_STRIDE:
         raise ValueError(f"schedule: at most {_BATCH_STRIDE} steps are supported, got T={T}")
     return batch_size

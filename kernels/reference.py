@@ -119,3 +119,28 @@ def reverse_step_reference(z, pred, t, coef_z, coef_eps, sigma, noise):
     sig = sig.view(-1, *([1] * (z.dim() - 1)))
     mu = _per_sample(coef_z, t, z) * z.to(cd) - _per_sample(coef_eps, t, z) * pred.to(cd)
     return _like(mu + sig * noise.to(cd), z)
+
+
+def ddim_step_reference(z, pred, t, t_prev, alphas_cumprod, eta, noise):
+    """DDIM (Song et al. 2021) from step t to the earlier step t_prev (-1: the clean image).
+
+        x0     = (z_t - sqrt(1 - a_t) pred) / sqrt(a_t)
+        sigma  = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev)
+        z_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) pred + sigma eps
+
+    with a = alphas_cumprod[.] and a_prev = 1 where t_prev < 0.  eta = 0: deterministic
+    (``noise`` may then be None).
+    """
+    cd = _compute_dtype(z)
+    ac = alphas_cumprod.to(cd)
+    a_t = ac[t]
+    a_prev = torch.where(t_prev >= 0, ac[t_prev.clamp(min=0)], torch.ones_like(a_t))
+    sigma = eta * torch.sqrt((1 - a_prev) / (1 - a_t)) * torch.sqrt(1 - a_t / a_prev)
+    dir_coef = torch.sqrt((1 - a_prev - sigma**2).clamp(min=0))
+    shape = (-1, *([1] * (z.dim() - 1)))
+    zc, pc = z.to(cd), pred.to(cd)
+    x0 = (zc - torch.sqrt(1 - a_t).view(shape) * pc) / torch.sqrt(a_t).view(shape)
+    out = torch.sqrt(a_prev).view(shape) * x0 + dir_coef.view(shape) * pc
+    if noise is not None:  # None: eta = 0, nothing to add
+        out = out + sigma.view(shape) * noise.to(cd)
+    return _like(out, z)
