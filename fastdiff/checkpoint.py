@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_write_bytes
+from .atomic import atomic_write_bytes, default_mode
 from .errors import CheckpointError
 
 FORMAT_VERSION = 1
@@ -71,6 +71,7 @@ def write_checkpoint(
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
     try:
+        os.chmod(tmp, default_mode(directory=True))
         save_file(_weights(model_state), str(tmp / MODEL))
         if ema_state is not None:
             save_file(_weights(ema_state), str(tmp / EMA))

@@ -1,6 +1,7 @@
 """train(): the loss goes down, resume is exact, checkpoints are atomic, bad input is refused."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -71,6 +72,12 @@ def test_resume_refuses_another_config(tmp_path):
         fastdiff.train(data, steps=4, batch_size=8, resume=True, **TINY)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     """A crash while writing step 4 leaves step 2 intact and pointed to."""
     data = tiny_data()
@@ -87,7 +94,10 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         fastdiff.train(
             data, steps=4, batch_size=8, out_dir=tmp_path, resume=True, checkpoint_every=2, **TINY
         )
-    assert ckpt.find_checkpoint(tmp_path).name == "step_00000002"
+    found = ckpt.find_checkpoint(tmp_path)
+    assert found.name == "step_00000002"
+    assert found.stat().st_mode & 0o777 == 0o777 & ~_umask()  # not mkdtemp's private 0700
+    assert (tmp_path / "samples.png").stat().st_mode & 0o777 == 0o666 & ~_umask()
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
     monkeypatch.undo()
     assert fastdiff.load(tmp_path).config["step"] == 2
