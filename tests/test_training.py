@@ -1,5 +1,6 @@
 """train(): the loss goes down, resume is exact, checkpoints are atomic, bad input is refused."""
 
+import contextlib
 import json
 import os
 
@@ -241,3 +242,31 @@ def test_cuda_hot_loop_does_not_synchronise(precision):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(run.losses[:8]).all()
+
+
+def test_every_phase_is_an_nvtx_range(monkeypatch, tmp_path):
+    """Each training phase and each sampler step opens a named NVTX range (for Nsight)."""
+    from fastdiff import profiling
+
+    seen = []
+
+    class Recorder:
+        def annotate(self, name, domain):
+            assert domain == profiling.DOMAIN
+            seen.append(name)
+            return contextlib.nullcontext()
+
+    monkeypatch.setattr(profiling, "_nvtx", Recorder())
+    d = fastdiff.train(tiny_data(), steps=2, batch_size=4, **TINY)
+    assert set(profiling.PHASES) - {"sampler step"} <= set(seen)
+    seen.clear()
+    d.sample(1, seed=0)
+    assert seen == ["sampler step"] * d.schedule.T
+
+
+def test_sample_grids_on_a_schedule(tmp_path):
+    fastdiff.train(
+        tiny_data(), steps=4, batch_size=4, out_dir=tmp_path, sample_every=2, n_samples=2, **TINY
+    )
+    grids = sorted(p.name for p in (tmp_path / "samples").iterdir())
+    assert grids == ["step_00000002.png", "step_00000004.png"]
