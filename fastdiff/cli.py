@@ -1,4 +1,4 @@
-"""The ``fastdiff`` command line: ``fastdiff train`` and ``fastdiff sample``.
+"""The ``fastdiff`` command line: ``fastdiff train``, ``fastdiff sample``, ``fastdiff eval``.
 
 Bad input (a missing checkpoint or data path, an empty image folder, NaN in the data, a model
 that does not fit the data, ...) prints one line, ``fastdiff: error: ...``, and exits with
@@ -110,6 +110,73 @@ def _add_sample(sub) -> None:
     p.set_defaults(run=_run_sample)
 
 
+def _add_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="the evidence lower bound of a trained model, in bits per dimension",
+        description="Evaluate the DDPM bound (prior + diffusion KL terms + discretized"
+        " Gaussian decoder) on images, in bits/dim. T model calls per batch.",
+    )
+    p.add_argument("checkpoint", help="run output directory or checkpoint directory")
+    p.add_argument(
+        "--data", default="digits", help="built-in name, .npz file or folder of images [digits]"
+    )
+    p.add_argument(
+        "-n", "--n", type=int, default=256, help="evaluate the first N images (0: all) [256]"
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="[64]")
+    p.add_argument("--seed", type=int, default=0, help="[0]")
+    p.add_argument(
+        "--variance",
+        default="beta",
+        choices=["beta", "posterior"],
+        help="the model's reverse variance sigma_t^2 [beta]",
+    )
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
+    p.add_argument("--device", default=None, help="[cuda if available]")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_eval)
+
+
+def _run_eval(args) -> int:
+    import json
+
+    import torch
+
+    from .data import resolve_data
+    from .diffusion import load
+    from .elbo import bits_per_dim
+
+    if args.n < 0:
+        raise FastDiffError(f"--n: expected 0 (all) or a positive count, got {args.n}")
+    diffusion = load(args.checkpoint, device=args.device)
+    images = resolve_data(
+        args.data, image_size=diffusion.image_shape[1], channels=diffusion.image_shape[0]
+    )
+    if not isinstance(images, torch.Tensor):
+        raise FastDiffError("--data: eval needs an image tensor source (.npz, folder, built-in)")
+    images = images[: args.n] if args.n else images
+    result = bits_per_dim(
+        diffusion,
+        images,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        use_ema=not args.no_ema,
+        variance=args.variance,
+        progress=not args.no_progress,
+    )
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"{result['bits_per_dim']:.4f} bits/dim on {result['images']} images"
+            f" (prior {result['prior']:.4f}, diffusion {result['diffusion']:.4f},"
+            f" decoder {result['decoder']:.4f})"
+        )
+    return 0
+
+
 def _run_train(args) -> int:
     from .training import train
 
@@ -175,9 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastdiff", description="Train and sample Denoising Diffusion Probabilistic Models."
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,eval}")
     _add_train(sub)
     _add_sample(sub)
+    _add_eval(sub)
     return parser
 
 

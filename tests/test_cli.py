@@ -1,5 +1,6 @@
 """The fastdiff command line, end to end on a tiny config, and its one-line errors."""
 
+import json
 import subprocess
 import sys
 
@@ -51,10 +52,13 @@ def test_train_then_sample(tmp_path, npz, capsys):
     assert main(["sample", str(out), "-n", "3", "--out", str(arr), "--no-progress"]) == 0
     images = np.load(arr)["images"]
     assert images.shape == (3, 1, 8, 8) and images.dtype == np.uint8
+    assert main(["eval", str(out), "--data", str(npz), "-n", "4", "--json", "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["images"] == 4 and result["bits_per_dim"] > 0
 
 
 def test_python_dash_m_and_help():
-    for args in (["--help"], ["train", "--help"], ["sample", "--help"]):
+    for args in (["--help"], ["train", "--help"], ["sample", "--help"], ["eval", "--help"]):
         proc = subprocess.run(
             [sys.executable, "-m", "fastdiff", *args], capture_output=True, text=True
         )
