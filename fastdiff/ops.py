@@ -153,6 +153,14 @@ def _check_noise_or_seed(noise, seed, x: torch.Tensor, x_name: str) -> None:
         raise ValueError(f"seed: expected 0 <= seed < 2**63, got {seed}")
 
 
+def _check_step_inputs(z_t, pred, t, schedule, validate: bool) -> None:
+    """The checks shared by the sampling steps: latents, prediction, steps, schedule."""
+    _check_images("z_t", z_t)
+    _check_like("pred", pred, z_t, "z_t")
+    _check_schedule(schedule, z_t)
+    _check_t(t, z_t, schedule.T, validate)
+
+
 def _reference_eps(noise, seed, like: torch.Tensor) -> torch.Tensor:
     if noise is not None:
         return noise
@@ -369,10 +377,7 @@ def reverse_step(
     Returns:
         z_{t-1}, shaped, typed and laid out like z_t.
     """
-    _check_images("z_t", z_t)
-    _check_like("pred", pred, z_t, "z_t")
-    _check_schedule(schedule, z_t)
-    _check_t(t, z_t, schedule.T, validate)
+    _check_step_inputs(z_t, pred, t, schedule, validate)
     _check_noise_or_seed(noise, seed, z_t, "z_t")
     if variance not in VARIANCES:
         raise ValueError(f"variance: expected one of {sorted(VARIANCES)}, got {variance!r}")
@@ -429,10 +434,7 @@ def ddim_step(
     seed tensor on CUDA, drawing eps reads the seed back to the host, so such steps cannot be
     captured in a CUDA graph.
     """
-    _check_images("z_t", z_t)
-    _check_like("pred", pred, z_t, "z_t")
-    _check_schedule(schedule, z_t)
-    _check_t(t, z_t, schedule.T, validate)
+    _check_step_inputs(z_t, pred, t, schedule, validate)
     if not isinstance(t_prev, torch.Tensor) or t_prev.shape != t.shape:
         raise ValueError(f"t_prev: expected a tensor shaped like t {tuple(t.shape)}")
     if validate and t.numel() and bool((t_prev >= t).any() or (t_prev < -1).any()):
