@@ -101,10 +101,22 @@ def _add_sample(sub) -> None:
         help="output .png (grid) or .npz (uint8 images, N C H W) [samples.png]",
     )
     p.add_argument("--batch-size", type=int, default=None, help="[min(n, 256)]")
-    p.add_argument("--variance", default="beta", choices=["beta", "posterior"], help="[beta]")
+    p.add_argument(
+        "--sampler",
+        default="ddpm",
+        choices=["ddpm", "ddim"],
+        help="ddpm: all T steps (Algorithm 20.2); ddim: --steps steps [ddpm]",
+    )
+    p.add_argument("--steps", type=int, default=None, help="ddim steps [50]")
+    p.add_argument("--eta", type=float, default=0.0, help="ddim noise scale in [0, 1] [0]")
+    p.add_argument(
+        "--variance", default="beta", choices=["beta", "posterior"], help="ddpm variance [beta]"
+    )
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     p.add_argument("--no-cuda-graph", action="store_true", help="eager sampling on CUDA")
-    p.add_argument("--precision", default=None, choices=PRECISIONS, help="[as trained]")
+    p.add_argument(
+        "--precision", default=None, choices=PRECISIONS, help="[auto for the sampling device]"
+    )
     p.add_argument("--device", default=None, help="[cuda if available]")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_sample)
@@ -224,6 +236,9 @@ def _run_sample(args) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         variance=args.variance,
+        sampler=args.sampler,
+        steps=args.steps,
+        eta=args.eta,
         use_ema=not args.no_ema,
         cuda_graph=not args.no_cuda_graph,
         precision=args.precision,
