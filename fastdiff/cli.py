@@ -109,6 +109,7 @@ def _add_sample(sub) -> None:
     )
     p.add_argument("--steps", type=int, default=None, help="ddim steps [50]")
     p.add_argument("--eta", type=float, default=0.0, help="ddim noise scale in [0, 1] [0]")
+    p.add_argument("--no-clip", action="store_true", help="ddim: do not clamp x0 to [-1, 1]")
     p.add_argument(
         "--variance", default="beta", choices=["beta", "posterior"], help="ddpm variance [beta]"
     )
@@ -239,6 +240,7 @@ def _run_sample(args) -> int:
         sampler=args.sampler,
         steps=args.steps,
         eta=args.eta,
+        clip_x0=False if args.no_clip else None,
         use_ema=not args.no_ema,
         cuda_graph=not args.no_cuda_graph,
         precision=args.precision,

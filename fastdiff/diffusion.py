@@ -158,6 +158,7 @@ def sample(
     use_ema: bool = True,
     variance: str = "beta",
     eta: float = 0.0,
+    clip_x0: bool | None = None,
     cuda_graph: bool = True,
     precision: str | None = None,
     channels_last=None,
@@ -177,6 +178,8 @@ def sample(
         use_ema: sample with the EMA weights when the model has them (default).
         variance: ddpm's noise: "beta" (sigma_t^2 = beta_t) or "posterior".
         eta: ddim's noise scale: 0 deterministic (default), 1 DDPM-like.
+        clip_x0: ddim only: clamp the predicted x0 to [-1, 1] at each step (default True for
+            ddim, as diffusers' DDIMScheduler does; the ddpm sampler keeps the exact formulas).
         cuda_graph: on CUDA, capture one denoising step as a CUDA graph and replay it T times;
             False runs the same step eagerly.  Ignored on CPU (always eager).
         precision: autocast for the model ("auto", "fp32", "bf16", "fp16"); default "auto":
@@ -195,6 +198,10 @@ def sample(
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, ()).item())
     batch_size = check_sample_args(n, batch_size, seed, steps, sampler, eta, diffusion.schedule.T)
+    if clip_x0 is None:
+        clip_x0 = sampler == "ddim"
+    elif clip_x0 and sampler != "ddim":
+        raise ValueError("clip_x0: only the ddim sampler clips x0 (ddpm keeps the exact formulas)")
     if device is not None:
         diffusion.to(resolve_device(device))
     dev = diffusion.device
@@ -208,7 +215,7 @@ def sample(
     try:
         runner = Sampler(
             net, diffusion.schedule, precision=prec, channels_last=cl, variance=variance,
-            sampler=sampler, steps=steps, eta=eta,
+            sampler=sampler, steps=steps, eta=eta, clip_x0=clip_x0,
         )  # fmt: skip
         return run_sampler(
             runner,

@@ -416,6 +416,7 @@ def ddim_step(
     *,
     seed=None,
     eta: float = 0.0,
+    clip_x0: bool = False,
     validate: bool = True,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -429,6 +430,7 @@ def ddim_step(
         t, t_prev: (B,) int64 0-based indices with t_prev < t; t_prev = -1 means the clean
             image (alpha_prev = 1), so the last step returns x0.
         eta: 0 gives the deterministic DDIM sampler; 1 the DDPM-like stochastic one.
+        clip_x0: clamp the predicted x0 to [-1, 1] (diffusers' ``clip_sample``).
         noise / seed: eps as for q_sample (multiplied by sigma, so not drawn when eta = 0).
     Always runs the torch reference (a fused kernel is future work).  With eta > 0 and a
     seed tensor on CUDA, drawing eps reads the seed back to the host, so such steps cannot be
@@ -445,6 +447,6 @@ def ddim_step(
     cd = torch.float64 if z_t.dtype == torch.float64 else torch.float32
     result = ref.ddim_step_reference(
         z_t, pred, t, t_prev, schedule.table("alphas_cumprod", cd), float(eta),
-        _reference_eps(noise, seed, z_t) if eta > 0 else None,
+        _reference_eps(noise, seed, z_t) if eta > 0 else None, clip_x0=clip_x0,
     )  # fmt: skip
     return result if out is None else out.copy_(result)

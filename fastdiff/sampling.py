@@ -71,6 +71,7 @@ class Sampler:
         sampler: str = "ddpm",
         steps: int | None = None,
         eta: float = 0.0,
+        clip_x0: bool = False,
     ):
         if variance not in ops.VARIANCES:
             raise ValueError(f"variance: expected one of {sorted(ops.VARIANCES)}, got {variance!r}")
@@ -81,6 +82,7 @@ class Sampler:
         self.variance = variance
         self.kind = sampler
         self.eta = float(eta)
+        self.clip_x0 = bool(clip_x0)
         self.timesteps = sampling_timesteps(schedule.T, sampler, steps)
         prev = torch.full((schedule.T,), -1, dtype=torch.long)
         prev[self.timesteps[:-1]] = torch.tensor(self.timesteps[1:], dtype=torch.long)
@@ -122,6 +124,7 @@ class Sampler:
                     self.schedule,
                     seed=buf.seed,
                     eta=self.eta,
+                    clip_x0=self.clip_x0,
                     validate=False,
                     out=buf.z,
                 )

@@ -121,14 +121,15 @@ def reverse_step_reference(z, pred, t, coef_z, coef_eps, sigma, noise):
     return _like(mu + sig * noise.to(cd), z)
 
 
-def ddim_step_reference(z, pred, t, t_prev, alphas_cumprod, eta, noise):
+def ddim_step_reference(z, pred, t, t_prev, alphas_cumprod, eta, noise, clip_x0=False):
     """DDIM (Song et al. 2021) from step t to the earlier step t_prev (-1: the clean image).
 
         x0     = (z_t - sqrt(1 - a_t) pred) / sqrt(a_t)
         sigma  = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev)
         z_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) pred + sigma eps
 
-    with a = alphas_cumprod[.] and a_prev = 1 where t_prev < 0.  eta = 0: deterministic
+    with a = alphas_cumprod[.] and a_prev = 1 where t_prev < 0; ``clip_x0`` clamps x0 to
+    [-1, 1] before it is used.  eta = 0: deterministic
     (``noise`` may then be None).
     """
     cd = _compute_dtype(z)
@@ -140,6 +141,8 @@ def ddim_step_reference(z, pred, t, t_prev, alphas_cumprod, eta, noise):
     shape = (-1, *([1] * (z.dim() - 1)))
     zc, pc = z.to(cd), pred.to(cd)
     x0 = (zc - torch.sqrt(1 - a_t).view(shape) * pc) / torch.sqrt(a_t).view(shape)
+    if clip_x0:  # as diffusers' DDIMScheduler(clip_sample=True); eps is kept as predicted
+        x0 = x0.clamp(-1.0, 1.0)
     out = torch.sqrt(a_prev).view(shape) * x0 + dir_coef.view(shape) * pc
     if noise is not None:  # None: eta = 0, nothing to add
         out = out + sigma.view(shape) * noise.to(cd)

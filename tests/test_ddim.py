@@ -64,7 +64,7 @@ def test_gaussian_samples_match_the_closed_form(steps):
     approach the data's (mean, std) as the number of steps grows."""
     mean, std, n = -0.2, 0.3, 1024
     d = gaussian_diffusion(mean, std)
-    x = d.sample(n, seed=0, sampler="ddim", steps=steps).double().flatten()
+    x = d.sample(n, seed=0, sampler="ddim", steps=steps, clip_x0=False).double().flatten()
     want_mean, want_std = ddim_gaussian_prediction(d.schedule, mean, std, steps)
     N = x.numel()
     assert abs(float(x.mean()) - want_mean) < 6 * want_std / math.sqrt(N)
@@ -101,3 +101,15 @@ def test_bad_input(call, match):
 def test_bad_sample_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         gaussian_diffusion(0.0, 1.0, T=20).sample(2, sampler="ddim", **kwargs)
+
+
+def test_clip_x0_clamps_the_prediction():
+    z = torch.full((1, 1, 2, 2), 3.0, dtype=torch.float64)
+    pred = torch.zeros_like(z)  # x0 = z / sqrt(a_t) > 1
+    t, t_prev = torch.tensor([10]), torch.tensor([-1])
+    assert float(ops.ddim_step(z, pred, t, t_prev, S, seed=0).min()) > 3.0
+    torch.testing.assert_close(
+        ops.ddim_step(z, pred, t, t_prev, S, seed=0, clip_x0=True), torch.ones_like(z)
+    )
+    with pytest.raises(ValueError, match="clip_x0"):
+        gaussian_diffusion(0.0, 1.0, T=20).sample(2, clip_x0=True)
