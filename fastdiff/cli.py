@@ -219,7 +219,8 @@ def _run_train(args) -> int:
         num_workers=args.workers,
         progress=not args.no_progress,
     )
-    print(f"wrote {out / 'samples.png'}, {out / 'metrics.jsonl'} and {out / 'checkpoints'}/")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes
+        print(f"wrote {out / 'samples.png'}, {out / 'metrics.jsonl'} and {out / 'checkpoints'}/")
     return 0
 
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import ops
+from . import distributed, ops
 from .data import make_batches, resolve_data
 from .diffusion import Diffusion, build_model
 from .ema import EMA
@@ -119,9 +119,10 @@ def model_for_data(image_shape: tuple[int, int, int], preset: str | None = None)
     return UNet(**cfg)
 
 
-def step_seed(run_seed: int, step: int) -> int:
-    """The noise seed of training step ``step``: a function of the step alone (exact resume)."""
-    return run_seed * 2**32 + step
+def step_seed(run_seed: int, step: int, rank: int = 0, world: int = 1) -> int:
+    """The noise seed of training step ``step`` on ``rank``: a function of (step, rank) alone,
+    so resume is exact and no two ranks or steps share noise."""
+    return run_seed * 2**32 + step * world + rank
 
 
 def _schedule(schedule, T: int) -> NoiseSchedule:
@@ -228,7 +229,7 @@ def train(
     _check_config(cfg)
     if resume and out_dir is None:
         raise ValueError("resume: needs out_dir, the directory holding the run's checkpoints")
-    dev = resolve_device(device)
+    dist_info, dev = distributed.setup(resolve_device(device))
     prec = resolve_precision(precision, dev)
     cl = resolve_channels_last(channels_last, dev, prec)
     sched = _schedule(schedule, T).to(dev)
@@ -245,22 +246,26 @@ def train(
     _check_model_fits(model, image_shape)
     model.to(dev, memory_format=memory_format(cl)).train()
 
-    run = _Run(model, sched, source, image_shape, cfg, dev, prec, cl, num_workers)
+    run = _Run(model, sched, source, image_shape, cfg, dev, prec, cl, num_workers, dist_info)
     out = Path(out_dir) if out_dir is not None else None
     if resume:
         run.restore(out)
-    return run.loop(out, progress=progress, on_log=on_log)
+    return run.loop(out, progress=progress and dist_info.is_main, on_log=on_log)
 
 
 class _Run:
     """The mutable state of one training run (kept together so it can be checkpointed)."""
 
-    def __init__(self, model, schedule, source, image_shape, cfg, device, prec, cl, workers):
+    def __init__(self, model, schedule, source, image_shape, cfg, device, prec, cl, workers,
+                 dist_info: distributed.DistInfo | None = None):  # fmt: skip
         self.model, self.schedule, self.cfg = model, schedule, cfg
         self.device, self.prec, self.channels_last = device, prec, cl
         self.image_shape = image_shape
+        self.dist = dist_info or distributed.DistInfo()
+        self.net = distributed.wrap(model, self.dist, device)  # what forward/backward run through
+        rank_seed = cfg.seed + 1_000_003 * self.dist.rank
         self.batches = make_batches(
-            source, cfg.batch_size, device, seed=cfg.seed, num_workers=workers
+            source, cfg.batch_size, device, seed=rank_seed, num_workers=workers
         )
         fused = device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
@@ -268,7 +273,7 @@ class _Run:
         )
         self.scaler = torch.amp.GradScaler(device.type, enabled=prec.grad_scaling)
         self.ema = EMA(model, cfg.ema_decay)
-        self.t_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+        self.t_gen = torch.Generator(device=device).manual_seed(rank_seed + 1)
         self.step = 0
         self.seed_buf = torch.zeros(1, dtype=torch.long, device=device)
         self.losses = torch.zeros(cfg.log_every, dtype=torch.float32, device=device)
@@ -289,11 +294,11 @@ class _Run:
             t = torch.randint(
                 0, self.schedule.T, (x.shape[0],), device=self.device, generator=self.t_gen
             )
-            self.seed_buf.fill_(step_seed(cfg.seed, k))
+            self.seed_buf.fill_(step_seed(cfg.seed, k, self.dist.rank, self.dist.world))
         with phase("noising"):
             z = ops.q_sample(x, t, self.schedule, seed=self.seed_buf, validate=False)
         with phase("forward"), self.prec.autocast(self.device):
-            pred = self.model(z, t)
+            pred = self.net(z, t)
         with phase("loss"):
             loss = ops.noise_loss(pred, t, seed=self.seed_buf, validate=False)
         with phase("backward"):
@@ -315,7 +320,8 @@ class _Run:
 
     def loop(self, out: Path | None, *, progress: bool, on_log) -> Diffusion:
         cfg = self.cfg
-        if out is not None:
+        writes = out is not None and self.dist.is_main
+        if writes:
             out.mkdir(parents=True, exist_ok=True)
         bar = _bar(cfg.steps, self.step, progress)
         window_start, window_step = time.perf_counter(), self.step
@@ -326,29 +332,30 @@ class _Run:
                 record = self._log_window(window_step, time.perf_counter() - window_start)
                 bar.update(self.step - bar.n)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
-                if out is not None:
+                if writes:
                     with open(out / METRICS_FILE, "a") as f:
                         f.write(json.dumps(record) + "\n")
-                if on_log is not None:
+                if on_log is not None and self.dist.is_main:
                     on_log(record)
                 window_start, window_step = time.perf_counter(), self.step
             if out is not None and (
                 done or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0)
             ):
-                self.save(out)
-            if out is not None and cfg.sample_every and self.step % cfg.sample_every == 0:
+                self.save(out)  # a collective: every rank's state goes to rank 0
+            if writes and cfg.sample_every and self.step % cfg.sample_every == 0:
                 self._save_grid(out / "samples" / f"step_{self.step:08d}.png")
         bar.close()
         diffusion = self.diffusion()
-        if out is not None and cfg.steps > 0:
+        if writes and cfg.steps > 0:
             self._save_grid(out / SAMPLES_FILE, diffusion)
+        distributed.barrier(self.dist)
         return diffusion
 
     def _log_window(self, window_step: int, seconds: float) -> dict:
         """Read the window's losses back (the only sync), refusing non-finite ones."""
         n = self.step - window_step
         first = window_step % self.cfg.log_every
-        losses = self.losses.tolist()
+        losses = distributed.mean_across_ranks(self.losses, self.dist).tolist()
         window = [losses[(first + i) % self.cfg.log_every] for i in range(n)]
         for i, value in enumerate(window):
             if not math.isfinite(value):
@@ -360,7 +367,7 @@ class _Run:
             "step": self.step,
             "loss": sum(window) / max(n, 1),
             "lr": self.lr_at(self.step - 1),
-            "images_per_s": n * self.cfg.batch_size / max(seconds, 1e-9),
+            "images_per_s": n * self.cfg.batch_size * self.dist.world / max(seconds, 1e-9),
             "time": time.time(),
         }
 
@@ -387,11 +394,9 @@ class _Run:
         self.model.train()
         save_image_grid(images, path, scale=max(1, 64 // max(self.image_shape[1:])))
 
-    def train_state(self) -> dict:
+    def rank_state(self) -> dict:
+        """What differs between ranks: RNG streams and data order."""
         state = {
-            "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
             "t_generator": self.t_gen.get_state(),
             "torch_rng": torch.get_rng_state(),
             "batches": self.batches.state_dict(),
@@ -400,15 +405,25 @@ class _Run:
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         return state
 
-    def save(self, out: Path) -> Path:
-        d = self.diffusion()
+    def save(self, out: Path) -> Path | None:
+        """Checkpoint (rank 0 writes; every rank must call it: the rank states are gathered)."""
+        ranks = distributed.gather_to_main(self.rank_state(), self.dist)
+        if not self.dist.is_main:
+            return None
+        train_state = {
+            "step": self.step,
+            "world_size": self.dist.world,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ranks": ranks,
+        }
         return ckpt.save_run_checkpoint(
             out,
             self.step,
             model_state=self.model.state_dict(),
             ema_state=self.ema.shadow.state_dict(),
-            config=d.checkpoint_config(),
-            train_state=self.train_state(),
+            config=self.diffusion().checkpoint_config(),
+            train_state=train_state,
         )
 
     def restore(self, out: Path) -> None:
@@ -427,13 +442,19 @@ class _Run:
                 f"{str(exc).strip().splitlines()[0]}"
             ) from exc
         state = ckpt.load_train_state(directory)
+        if state.get("world_size") != self.dist.world:
+            raise CheckpointError(
+                f"checkpoint: {str(directory)!r} was written by {state.get('world_size')}"
+                f" process(es), this run has {self.dist.world}; exact resume needs the same"
+            )
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        self.t_gen.set_state(state["t_generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if "cuda_rng" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
-        self.batches.load_state_dict(state["batches"])
+        mine = state["ranks"][self.dist.rank]
+        self.t_gen.set_state(mine["t_generator"])
+        torch.set_rng_state(mine["torch_rng"])
+        if "cuda_rng" in mine and self.device.type == "cuda":
+            torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
+        self.batches.load_state_dict(mine["batches"])
         self.step = int(state["step"])
 
     def _check_compatible(self, config: dict, directory: Path) -> None:

@@ -1,0 +1,88 @@
+"""Data-parallel training across processes: torchrun + DistributedDataParallel.
+
+``torchrun --nproc-per-node N -m fastdiff train ...`` (or any launcher that sets RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT) makes ``train`` initialise a process
+group -- NCCL on GPUs, gloo on CPUs -- and train one replica per process:
+
+* ``batch_size`` is per process (the global batch is batch_size x world size);
+* each rank draws its own data order, t and noise (seeds offset by the rank);
+* gradients are averaged by DDP, so every rank holds the same weights and EMA;
+* only rank 0 writes: metrics, checkpoints (holding every rank's RNG and data state, so
+  resume is exact for the same world size) and sample grids.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the job (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device: torch.device) -> tuple[DistInfo, torch.device]:
+    """Join the process group the environment describes (if any) and pick this rank's device.
+
+    Without WORLD_SIZE > 1 (and no group already initialised) this is a no-op returning
+    rank 0 of 1 and ``device`` unchanged.  On CUDA each rank takes ``cuda:LOCAL_RANK``.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if not dist.is_available() or (world <= 1 and not dist.is_initialized()):
+        return DistInfo(), device
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    return DistInfo(rank, world, local_rank), device
+
+
+def wrap(model: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
+    """The module to run forward/backward through: DDP across ranks, else the model itself."""
+    if not info.enabled:
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def mean_across_ranks(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Element-wise mean of ``values`` over all ranks (a collective: call it on every rank)."""
+    if info.enabled:
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= info.world
+    return values
+
+
+def gather_to_main(obj, info: DistInfo) -> list | None:
+    """Every rank's ``obj`` as a list on rank 0 (None elsewhere); [obj] when not distributed."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world if info.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()

@@ -1,0 +1,101 @@
+"""Data-parallel training with 2 processes on CPU (gloo), as torchrun would launch it."""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fastdiff
+from fastdiff import checkpoint as ckpt
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def data():
+    gen = torch.Generator().manual_seed(0)
+    return torch.rand(32, 1, 8, 8, generator=gen) * 2 - 1
+
+
+def worker(rank, world, port, out_dir, steps, resume, result_dir):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    d = fastdiff.train(
+        data(),
+        steps=steps,
+        batch_size=4,
+        out_dir=out_dir,
+        resume=resume,
+        preset="tiny",
+        T=20,
+        device="cpu",
+        progress=False,
+        log_every=2,
+        checkpoint_every=2,
+        n_samples=2,
+        warmup_steps=2,
+        precision="fp32",
+    )
+    torch.save(d.model.state_dict(), os.path.join(result_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def launch(out_dir, steps, result_dir, resume=False, world=2):
+    mp.spawn(
+        worker,
+        args=(world, free_port(), str(out_dir), steps, resume, str(result_dir)),
+        nprocs=world,
+        join=True,
+    )
+    return [torch.load(os.path.join(result_dir, f"rank{r}.pt")) for r in range(world)]
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_ranks_train_one_model_and_resume_exactly(tmp_path):
+    straight = launch(tmp_path / "a", 4, tmp_path)
+    assert same(straight[0], straight[1]), "DDP replicas diverged"
+    # Only rank 0 wrote: one metrics line per log (steps 2 and 4), one checkpoint series.
+    records = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [2, 4]
+    state = ckpt.load_train_state(ckpt.find_checkpoint(tmp_path / "a"))
+    assert state["world_size"] == 2 and len(state["ranks"]) == 2
+    assert not torch.equal(state["ranks"][0]["t_generator"], state["ranks"][1]["t_generator"])
+
+    launch(tmp_path / "b", 2, tmp_path)
+    resumed = launch(tmp_path / "b", 4, tmp_path, resume=True)
+    assert same(resumed[0], straight[0]), "2 steps + resume to 4 differs from 4 steps"
+
+
+def test_resume_with_another_world_size_is_refused(tmp_path):
+    launch(tmp_path / "run", 2, tmp_path)
+    with pytest.raises(ckpt.CheckpointError, match="process"):
+        fastdiff.train(
+            data(),
+            steps=4,
+            batch_size=4,
+            out_dir=tmp_path / "run",
+            resume=True,
+            preset="tiny",
+            T=20,
+            device="cpu",
+            progress=False,
+            precision="fp32",
+        )
