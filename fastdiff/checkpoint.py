@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .atomic import atomic_write_bytes, default_mode
 from .errors import CheckpointError
@@ -45,12 +45,13 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _write_file(path: Path, data: bytes) -> dict:
+    """Write and fsync ``data``; return the size and SHA-256 that config.json records."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def _weights(module_state: dict) -> dict:
@@ -72,20 +73,15 @@ def write_checkpoint(
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
     try:
         os.chmod(tmp, default_mode(directory=True))
-        save_file(_weights(model_state), str(tmp / MODEL))
+        files = {MODEL: _write_file(tmp / MODEL, save(_weights(model_state)))}
         if ema_state is not None:
-            save_file(_weights(ema_state), str(tmp / EMA))
+            files[EMA] = _write_file(tmp / EMA, save(_weights(ema_state)))
         if train_state is not None:
             buf = io.BytesIO()
             torch.save(train_state, buf)
-            (tmp / STATE).write_bytes(buf.getvalue())
-        files = {}
-        for p in sorted(tmp.iterdir()):
-            _fsync(p)
-            files[p.name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            files[STATE] = _write_file(tmp / STATE, buf.getvalue())
         meta = dict(config, format_version=FORMAT_VERSION, files=files)
-        (tmp / CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        _fsync(tmp / CONFIG)
+        _write_file(tmp / CONFIG, json.dumps(meta, indent=2, sort_keys=True).encode())
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
             os.replace(directory, old)

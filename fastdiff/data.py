@@ -16,6 +16,7 @@ batch comes from a new permutation.
 
 from __future__ import annotations
 
+import abc
 import importlib.resources
 import math
 import zipfile
@@ -28,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, defa
 
 from .errors import CheckpointError, DataError
 from .images import GRAYSCALE_MODES, list_image_files, load_image_folder, to_model_range
+from .validation import require_int
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -233,7 +235,7 @@ def _item_image(item) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 
 
-class Batches:
+class Batches(abc.ABC):
     """Infinite source of training batches (B, C, H, W) float32 in [-1, 1] on ``device``.
 
     ``next_batch()`` (or ``next(batches)``) returns the next batch; ``state_dict()`` and
@@ -246,14 +248,17 @@ class Batches:
     num_images: int
     image_shape: tuple[int, int, int]
 
+    @abc.abstractmethod
     def next_batch(self) -> torch.Tensor:
-        raise NotImplementedError
+        """The next (batch_size, C, H, W) batch."""
 
+    @abc.abstractmethod
     def state_dict(self) -> dict:
-        raise NotImplementedError
+        """The position in the batch stream, for exact resume."""
 
+    @abc.abstractmethod
     def load_state_dict(self, state: dict) -> None:
-        raise NotImplementedError
+        """Continue from a position saved by ``state_dict``."""
 
     def __iter__(self):
         return self
@@ -515,5 +520,4 @@ def _epoch_permutation(num_images: int, batch_size: int, generator) -> torch.Ten
 
 
 def _check_batch_size(batch_size) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+    require_int("batch_size", batch_size)

@@ -27,6 +27,7 @@ from . import ops
 from .diffusion import Diffusion
 from .precision import memory_format, resolve_channels_last, resolve_precision
 from .schedule import NoiseSchedule
+from .validation import require_int
 
 _BIN = 1.0 / 255.0
 
@@ -104,8 +105,7 @@ def bits_per_dim(diffusion: Diffusion, images: torch.Tensor, *, batch_size: int 
             f"data: expected images of shape (N, {', '.join(map(str, diffusion.image_shape))}),"
             f" got {tuple(images.shape)}"
         )
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    require_int("batch_size", batch_size)
     net = diffusion.ema_model if use_ema and diffusion.ema_model is not None else diffusion.model
     device = diffusion.device
     prec = resolve_precision("auto", device)

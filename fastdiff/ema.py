@@ -15,27 +15,30 @@ from torch import nn
 
 
 class EMA:
-    """Keeps ``shadow``, a frozen copy of ``model`` whose floating weights track the average."""
+    """Keeps ``shadow``, a frozen copy of ``model`` whose floating weights track the average
+    of ``model``'s (the tensors are bound at construction: load new weights in place)."""
 
     def __init__(self, model: nn.Module, decay: float = 0.9999):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"ema_decay: expected a value in [0, 1), got {decay}")
         self.decay = decay
         self.shadow = copy.deepcopy(model).eval().requires_grad_(False)
-        self._pairs = [
+        pairs = [
             (s, p)
             for s, p in zip(self.shadow.parameters(), model.parameters(), strict=True)
             if p.dtype.is_floating_point
         ]
+        self._shadow_params = [s for s, _ in pairs]
+        self._model_params = [p for _, p in pairs]
+        self._buffers = list(zip(self.shadow.buffers(), model.buffers(), strict=True))
 
     def decay_at(self, step: int) -> float:
         return min(self.decay, (1.0 + step) / (10.0 + step))
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        """Move the average towards ``model``'s current weights (``step``: 0-based count)."""
-        if self._pairs:
-            shadow, params = zip(*self._pairs, strict=True)
-            torch._foreach_lerp_(list(shadow), list(params), 1.0 - self.decay_at(step))
-        for sb, mb in zip(self.shadow.buffers(), model.buffers(), strict=True):
-            sb.copy_(mb)
+    def update(self, step: int) -> None:
+        """Move the average towards the model's current weights (``step``: 0-based count)."""
+        if self._shadow_params:
+            torch._foreach_lerp_(self._shadow_params, self._model_params, 1.0 - self.decay_at(step))
+        for shadow_buf, model_buf in self._buffers:
+            shadow_buf.copy_(model_buf)

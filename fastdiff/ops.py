@@ -122,9 +122,7 @@ def _check_t(t, x: torch.Tensor, T: int | None, validate: bool) -> None:
 def _check_schedule(schedule, x: torch.Tensor) -> None:
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"schedule: expected a NoiseSchedule, got {type(schedule).__name__}")
-    if schedule.device != x.device and not (
-        schedule.device.type == x.device.type == "cuda" and schedule.device.index is None
-    ):
+    if schedule.device != x.device:
         raise ValueError(
             f"schedule: its tables are on {schedule.device} but the images are on {x.device};"
             f" use schedule.to({str(x.device)!r})"
@@ -168,7 +166,8 @@ def _reference_eps(noise, seed, like: torch.Tensor) -> torch.Tensor:
 
 
 def _seed_buffer(seed, device) -> torch.Tensor:
-    """The seed as a private device tensor (a caller may change its own buffer after forward)."""
+    """The seed as a private device tensor, for noise_loss's backward to regenerate eps from:
+    the caller may change its own seed buffer between forward and backward."""
     if isinstance(seed, torch.Tensor):
         return seed.reshape(1).clone()
     return torch.full((1,), int(seed), dtype=torch.int64, device=device)
@@ -295,7 +294,7 @@ def q_sample(
         t,
         schedule.table("sqrt_alphas_cumprod"),
         schedule.table("sqrt_one_minus_alphas_cumprod"),
-        None if seed is None else _seed_buffer(seed, x.device),
+        seed,
     )
 
 
@@ -401,7 +400,7 @@ def reverse_step(
         schedule.table("reverse_coef_z"),
         schedule.table("reverse_coef_eps"),
         schedule.table(VARIANCES[variance]),
-        None if seed is None else _seed_buffer(seed, z_t.device),
+        seed,
         out,
     )
 

@@ -28,6 +28,7 @@ from . import ops
 from .precision import Precision, memory_format
 from .profiling import phase
 from .schedule import NoiseSchedule
+from .validation import require_int
 
 SAMPLERS = ("ddpm", "ddim")
 #: Spacing of the per-batch seed streams: batch b of seed s uses step seeds
@@ -229,14 +230,9 @@ class _NoBar:
 
 def check_sample_args(n, batch_size, seed, steps, sampler, eta, T) -> int:
     """Validate sample()'s arguments before any work; returns the batch size to use."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n: expected a positive number of images, got {n!r}")
-    if batch_size is None:
-        batch_size = min(n, 256)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
-        raise ValueError(f"seed: expected an integer in [0, 2**31), got {seed!r}")
+    require_int("n", n)
+    batch_size = require_int("batch_size", min(n, 256) if batch_size is None else batch_size)
+    require_int("seed", seed, 0, 2**31 - 1)
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler: expected one of {SAMPLERS}, got {sampler!r}")
     if sampler == "ddpm" and steps is not None and steps != T:
@@ -244,10 +240,8 @@ def check_sample_args(n, batch_size, seed, steps, sampler, eta, T) -> int:
             f"steps: the ddpm sampler runs all T={T} steps of the trained schedule, got {steps};"
             " use sampler='ddim' for fewer"
         )
-    if steps is not None and (
-        isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T
-    ):
-        raise ValueError(f"steps: expected an integer in 1..{T}, got {steps!r}")
+    if steps is not None:
+        require_int("steps", steps, 1, T)
     if not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta: expected a number in [0, 1], got {eta!r}")
     if T > _BATCH_STRIDE:

@@ -107,9 +107,10 @@ class NoiseSchedule:
         self._place(torch.device("cpu"))
 
     def _place(self, device: torch.device) -> None:
-        self.device = torch.device(device)
-        self._f64 = {k: torch.from_numpy(v).to(self.device) for k, v in self._np.items()}
+        self._f64 = {k: torch.from_numpy(v).to(device) for k, v in self._np.items()}
         self._f32 = {k: v.float() for k, v in self._f64.items()}
+        # Where the tables actually are ("cuda" resolves to "cuda:<current>").
+        self.device = self._f64["betas"].device
 
     # -- constructors -----------------------------------------------------------------------
 

@@ -42,6 +42,7 @@ from .precision import (
 from .profiling import phase
 from .schedule import NoiseSchedule
 from .unet import PRESETS, UNet
+from .validation import require_int
 
 SAMPLES_FILE = "samples.png"
 METRICS_FILE = "metrics.jsonl"
@@ -74,19 +75,17 @@ class TrainConfig:
 
 
 def _check_config(cfg: TrainConfig) -> None:
-    def positive_int(name, value, minimum=1):
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
-
-    positive_int("steps", cfg.steps, 0)
-    positive_int("batch_size", cfg.batch_size)
-    positive_int("warmup_steps", cfg.warmup_steps, 0)
-    positive_int("log_every", cfg.log_every)
-    positive_int("checkpoint_every", cfg.checkpoint_every, 0)
-    positive_int("sample_every", cfg.sample_every, 0)
-    positive_int("n_samples", cfg.n_samples)
-    if not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2**31:
-        raise ValueError(f"seed: expected an integer in [0, 2**31), got {cfg.seed!r}")
+    for name, minimum in [
+        ("steps", 0),
+        ("batch_size", 1),
+        ("warmup_steps", 0),
+        ("log_every", 1),
+        ("checkpoint_every", 0),
+        ("sample_every", 0),
+        ("n_samples", 1),
+    ]:
+        require_int(name, getattr(cfg, name), minimum)
+    require_int("seed", cfg.seed, 0, 2**31 - 1)
     for name in ("lr", "grad_clip"):
         value = getattr(cfg, name)
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -312,7 +311,7 @@ class _Run:
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
         with phase("EMA"):
-            self.ema.update(self.model, k)
+            self.ema.update(k)
         self.losses[k % cfg.log_every] = loss.detach()
         self.step = k + 1
 

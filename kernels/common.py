@@ -17,8 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-#: Dtypes the kernels accept for image-like tensors (arithmetic is fp32 inside).
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from .reference import is_channels_last
 
 MAX_BLOCK = 2048
 MIN_BLOCK = 128
@@ -45,15 +44,6 @@ def standard_normal(seed_ptr, base, r, C, HW, CHANNELS_LAST: tl.constexpr):
         r = (r % C) * HW + r // C
     seed = tl.load(seed_ptr)
     return tl.randn(seed, base + r)
-
-
-def is_channels_last(x: torch.Tensor) -> bool:
-    """True when x is a 4-D tensor laid out (n, h, w, c) in memory and not also contiguous."""
-    return (
-        x.dim() == 4
-        and not x.is_contiguous()
-        and x.is_contiguous(memory_format=torch.channels_last)
-    )
 
 
 def dense(x: torch.Tensor) -> torch.Tensor:
@@ -102,9 +92,10 @@ def seed_tensor(seed, device: torch.device) -> torch.Tensor:
     return torch.full((1,), int(seed), dtype=torch.int64, device=device)
 
 
-def launch(kernel, x: torch.Tensor, **kwargs) -> None:
-    """Launch ``kernel`` over the sample blocks of x (see module docstring)."""
-    args = layout_args(x)
+def launch(kernel, x: torch.Tensor, args: dict | None = None, **kwargs) -> None:
+    """Launch ``kernel`` over the sample blocks of x (see module docstring); ``args`` is
+    ``layout_args(x)`` when the caller already has it."""
+    args = dict(args or layout_args(x))
     grid = args.pop("grid")
     if grid[0] == 0:
         return

@@ -71,9 +71,10 @@ def noise_loss_sums_triton(pred: torch.Tensor, noise=None, seed=None) -> torch.T
     """Per-sample sums of (pred - eps)^2, fp32 of shape (B,), for pred (B, ...)."""
     pred = dense(pred)
     B = pred.shape[0]
-    blocks = layout_args(pred)["blocks_per_sample"]
+    args = layout_args(pred)
+    blocks = args["blocks_per_sample"]
     partial = torch.empty(B * blocks, dtype=torch.float32, device=pred.device)
-    launch(noise_loss_fwd_kernel, pred, pred_ptr=pred, partial_ptr=partial,
+    launch(noise_loss_fwd_kernel, pred, args, pred_ptr=pred, partial_ptr=partial,
            **_noise_args(pred, noise, seed))  # fmt: skip
     return partial.view(B, blocks).sum(dim=1)
 

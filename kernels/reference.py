@@ -29,11 +29,12 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 def _like(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """y cast to x's dtype and laid out like x."""
-    fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
     return y.to(dtype=x.dtype, memory_format=fmt)
 
 
-def _is_channels_last(x: torch.Tensor) -> bool:
+def is_channels_last(x: torch.Tensor) -> bool:
+    """True when x is a 4-D tensor laid out (n, h, w, c) in memory and not also contiguous."""
     return (
         x.dim() == 4
         and not x.is_contiguous()

@@ -83,14 +83,14 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     """A crash while writing step 4 leaves step 2 intact and pointed to."""
     data = tiny_data()
     fastdiff.train(data, steps=2, batch_size=8, out_dir=tmp_path, n_samples=1, **TINY)
-    real_save = ckpt.save_file
+    real_write = ckpt._write_file
 
-    def crash_on_ema(tensors, path):
-        if path.endswith(ckpt.EMA):
+    def crash_on_ema(path, data):
+        if path.name == ckpt.EMA:
             raise KeyboardInterrupt("killed")
-        return real_save(tensors, path)
+        return real_write(path, data)
 
-    monkeypatch.setattr(ckpt, "save_file", crash_on_ema)
+    monkeypatch.setattr(ckpt, "_write_file", crash_on_ema)
     with pytest.raises(KeyboardInterrupt):
         fastdiff.train(
             data, steps=4, batch_size=8, out_dir=tmp_path, resume=True, checkpoint_every=2, **TINY
