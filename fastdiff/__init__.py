@@ -7,7 +7,7 @@
 Step indices are 0-based everywhere: ``i = t - 1`` in ``0..T-1`` (see fastdiff.schedule).
 """
 
-from . import ops
+from . import _checkout, ops  # noqa: F401  (_checkout first: mounts kernels/ in a checkout)
 from .diffusion import Diffusion, load, sample
 from .images import save_image_grid
 from .schedule import NoiseSchedule

@@ -1,0 +1,214 @@
+"""One GPU check: tests on CUDA, CUDA-graph sampling == eager, device times, one table.
+
+    python benchmarks/gpu_check.py [--out DIR] [--budget-s 290]
+
+Run it on one NVIDIA GPU with fastdiff installed (wheel or editable) and its test extra; it
+takes under 5 minutes and prints one table.  Each part runs in its own subprocess with its own
+time limit and log file in ``--out`` (default ``gpu_check_out/``), so a hang or a crash in one
+part still leaves the others' results:
+
+1. ``env``: GPU, driver, torch / triton / fastdiff versions and where fastdiff is imported from.
+2. ``tests``: the kernel and CUDA tests (compiled Triton kernels on CUDA tensors instead of the
+   interpreter), serially, with the working directory outside the checkout so the installed
+   fastdiff is what runs.
+3. ``graph``: a digits-preset U-Net sampled with the CUDA graph and eagerly for one seed; the
+   images must be equal (max |difference| printed).
+4. ``bench``: ``pytest benchmarks/ --benchmark-only -k cuda`` with a JSON report, summarised
+   as one row per benchmark (median time and the extra_info figures: GB/s, % of copy,
+   images/s, ms/step).
+
+``--smoke`` runs the same parts on the CPU, small (how the test suite checks this script).
+Exit status: 0 when every part passed, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+#: The tests that exercise CUDA when a GPU is present (kernels on CUDA tensors, graphs, hot
+#: loops); the rest of the suite is CPU-only logic that CI covers.
+CUDA_TESTS = [
+    "tests/test_ops_vs_reference.py",
+    "tests/test_kernel_noise.py",
+    "tests/test_group_norm.py",
+    "tests/test_sampling.py",
+    "tests/test_training.py::test_cuda_hot_loop_does_not_synchronise",
+    "tests/test_train_graph.py",
+]
+#: extra_info keys worth a column, in order (benchmarks may record any subset).
+FIGURES = [
+    ("device_us", "device us"),
+    ("gb_per_s", "GB/s"),
+    ("pct_of_copy", "% copy"),
+    ("speedup_vs_eager", "x eager"),
+    ("images_per_s", "img/s"),
+    ("ms_per_step", "ms/step"),
+    ("host_us", "host us"),
+]
+
+ENV_PROBE = """
+import json, sys, torch, fastdiff
+info = {"python": sys.version.split()[0], "torch": torch.__version__,
+        "fastdiff": fastdiff.__version__, "fastdiff_from": fastdiff.__file__,
+        "cuda": torch.cuda.is_available()}
+try:
+    import triton
+    info["triton"] = triton.__version__
+except ImportError:
+    info["triton"] = None
+if info["cuda"]:
+    p = torch.cuda.get_device_properties(0)
+    info["gpu"] = p.name
+    info["sm"] = f"{p.major}{p.minor}"
+    info["memory_gib"] = round(p.total_memory / 2**30, 1)
+print(json.dumps(info))
+"""
+
+GRAPH_CHECK = """
+import json, sys, torch
+from fastdiff import Diffusion, NoiseSchedule
+from fastdiff.training import model_for_data
+device, preset = sys.argv[1], sys.argv[2]
+torch.manual_seed(0)
+model = model_for_data((1, 16, 16), preset).to(device).eval()
+d = Diffusion(model, NoiseSchedule.linear(50), (1, 16, 16))
+eager = d.sample(16, seed=7, cuda_graph=False)
+graph = d.sample(16, seed=7, cuda_graph=True)
+diff = float((graph - eager).abs().max())
+print(json.dumps({"max_abs_diff": diff, "equal": diff == 0.0, "on_cuda": graph.is_cuda}))
+sys.exit(0 if diff == 0.0 else 1)
+"""
+
+
+def run_part(name: str, cmd: list[str], out: Path, timeout: float, cwd: Path) -> dict:
+    """Run one part; its stdout+stderr go to out/<name>.log.  Returns status and timing."""
+    log = out / f"{name}.log"
+    start = time.perf_counter()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("TRITON_INTERPRET", None)
+    with open(log, "w") as f:
+        try:
+            proc = subprocess.run(
+                cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout
+            )
+            status = "pass" if proc.returncode == 0 else f"FAIL (exit {proc.returncode})"
+        except subprocess.TimeoutExpired:
+            status = f"FAIL (over {timeout:.0f} s)"
+    return {"part": name, "status": status, "seconds": time.perf_counter() - start, "log": log}
+
+
+def last_json_line(log: Path) -> dict:
+    for line in reversed(log.read_text(errors="replace").splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
+    return {}
+
+
+def pytest_summary(log: Path) -> str:
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    words = (" passed", " failed", " error", " skipped", " deselected")
+    tail = [ln for ln in lines if any(w in ln for w in words)]
+    return tail[-1].strip("= ") if tail else "(no pytest summary)"
+
+
+def bench_rows(report: Path) -> list[list[str]]:
+    """One row per benchmark: name, median, and the FIGURES present in its extra_info."""
+    rows = []
+    for b in json.loads(report.read_text())["benchmarks"]:
+        info = b.get("extra_info", {})
+        row = [b["fullname"].split("::")[-1], f"{b['stats']['median'] * 1e3:.3f} ms"]
+        for key, _ in FIGURES:
+            value = info.get(key)
+            row.append("" if value is None else f"{value:,.1f}")
+        rows.append(row)
+    return rows
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    fmt = " | ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header), "-+-".join("-" * w for w in widths)] + [
+        fmt.format(*r) for r in rows
+    ])  # fmt: skip
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="gpu_check_out", help="log directory [gpu_check_out]")
+    parser.add_argument("--budget-s", type=float, default=290, help="total time limit [290]")
+    parser.add_argument("--bench-k", default=None, help="pytest -k for the benchmarks [cuda]")
+    parser.add_argument("--smoke", action="store_true", help="run the parts on the CPU, small")
+    args = parser.parse_args(argv)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    deadline = time.perf_counter() + args.budget_s
+    py = sys.executable
+    device = "cpu" if args.smoke else "cuda"
+    bench_k = args.bench_k or ("cpu" if args.smoke else "cuda")
+    results = []
+
+    with tempfile.TemporaryDirectory() as cwd_name:  # outside the checkout's root
+        cwd = Path(cwd_name)
+
+        def left(share: float) -> float:
+            return max(5.0, min(share, deadline - time.perf_counter()))
+
+        results.append(run_part("env", [py, "-c", ENV_PROBE], out, left(60), cwd))
+        env = last_json_line(out / "env.log")
+        if not args.smoke and not env.get("cuda"):
+            print(f"gpu_check: no CUDA device visible (see {out / 'env.log'})", file=sys.stderr)
+            return 1
+        tests = [str(ROOT / t.split("::")[0]) + ("::" + t.split("::")[1] if "::" in t else "")
+                 for t in CUDA_TESTS if (ROOT / t.split("::")[0]).exists()]  # fmt: skip
+        test_cmd = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
+        if args.smoke:
+            test_cmd += ["-k", "cuda_graph or hot_loop"]  # the CUDA-only tests: skipped on CPU
+        results.append(run_part("tests", test_cmd, out, left(150), cwd))
+        results.append(
+            run_part(
+                "graph",
+                [py, "-c", GRAPH_CHECK, device, "tiny" if args.smoke else "digits"],
+                out,
+                left(60),
+                cwd,
+            )
+        )
+        report = out / "bench.json"
+        bench_cmd = [
+            py, "-m", "pytest", str(ROOT / "benchmarks"), "--benchmark-only", "-q",
+            "-p", "no:cacheprovider", "-k", bench_k, f"--benchmark-json={report}",
+            "--benchmark-max-time=0.2", "--benchmark-min-rounds=3",
+        ]  # fmt: skip
+        if args.smoke:
+            bench_cmd += ["--benchmark-disable-gc", "-x"]
+        results.append(run_part("bench", bench_cmd, out, left(240), cwd))
+
+    notes = {
+        "env": ", ".join(f"{k}={v}" for k, v in env.items()),
+        "tests": pytest_summary(out / "tests.log"),
+        "graph": json.dumps(last_json_line(out / "graph.log")),
+        "bench": pytest_summary(out / "bench.log"),
+    }
+    summary = [[r["part"], r["status"], f"{r['seconds']:.0f} s", notes[r["part"]]] for r in results]
+    print(format_table(["part", "status", "time", "result"], summary))
+    if report.exists():
+        print()
+        header = ["benchmark", "median", *[label for _, label in FIGURES]]
+        print(format_table(header, bench_rows(report)))
+    print(f"\nlogs: {out}")
+    return 0 if all(r["status"] == "pass" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
