@@ -5,13 +5,19 @@ Each group holds every side of one comparison, timed in the same run; the termin
 prints the median ratio of every two sides that differ in one attribute (impl, precision,
 layout).
 
-Training step (Algorithm 20.1), images/s = batch / median:
+Training step (Algorithm 20.1), images/s = batch * steps per call / median (one call = 1
+step on CPU, 10 on CUDA, so that the host runs ahead of the GPU as in a training loop):
 
-* ``fastdiff``: ``fastdiff.training._Run.train_step()``, the run built as ``fastdiff.train``
-  builds it (linear T=1000 schedule, AdamW lr 2e-4 with warm-up, clipping 1.0, EMA 0.9999,
-  the CLI's defaults), on a small in-memory data set: fused q_sample / noise_loss with
-  in-kernel noise (on CPU the torch reference path of those ops), NVTX phase ranges, the
-  loss kept on the device.
+* ``fastdiff_graph`` (CUDA): ``fastdiff.training._Run.train_step()``, the run built as
+  ``fastdiff.train`` builds it (linear T=1000 schedule, AdamW lr 2e-4 with warm-up, clipping
+  1.0, EMA 0.9999, the CLI's defaults), on a small in-memory data set: the whole step
+  captured as one CUDA graph after 3 eager steps and replayed (fastdiff.train_graph; the
+  warm-up rounds cover the capture).
+* ``fastdiff_eager``: the same run with ``cuda_graph=False`` (on CPU, where there is no graph,
+  this is ``fastdiff``): fused q_sample / noise_loss with in-kernel noise (on CPU the torch
+  reference path of those ops), NVTX phase ranges, the loss kept on the device.
+* ``compile=on``: the same with ``compile=True`` (the model through torch.compile, Inductor's
+  default mode; compilation happens in the warm-up rounds).
 * ``eager``: the same model, optimizer, clipping, autocast and EMA (torch._foreach_lerp_, as
   fastdiff.ema does), with the noising and loss the usual way: t = torch.randint,
   eps = torch.randn_like(x), z = sqrt_ac[t] x + sqrt_1m_ac[t] eps, F.mse_loss(pred.float(), eps)
@@ -29,7 +35,8 @@ denoising steps on a batch):
 
 CPU cases: the "digits" preset on 1x16x16, batch 64 (what ``fastdiff train`` runs by default);
 few rounds, since one step takes ~0.25 s on 2 cores.  CUDA cases (skipped without CUDA): the
-"cifar10" preset (35.7M parameters) on 3x32x32, batch 128.
+"cifar10" preset (35.7M parameters) on 3x32x32, batch 128, and the digits preset at batch 64
+(the CLI's default job); sampling the cifar10 preset at n = 1, 16, 128 and 256.
 """
 
 from __future__ import annotations
@@ -62,11 +69,13 @@ class Case:
     preset: str
     image_shape: tuple[int, int, int]
     batch: int
-    impl: str  # train: fastdiff / eager; sample: fastdiff_eager / fastdiff_graph / eager
+    impl: str  # train and sample: fastdiff_graph / fastdiff_eager / eager; CPU train: fastdiff
     precision: str  # fp32 / bf16 / fp16
     channels_last: bool
     rounds: int
     warmup_rounds: int
+    compile: bool = False  # train(compile=True)
+    steps_per_call: int = 1  # training steps per timed call
 
     @property
     def layout(self) -> str:
@@ -78,15 +87,22 @@ class Case:
 
     @property
     def id(self) -> str:
+        suffix = "-compile" if self.compile else ""
         return (
             f"{self.device}-{self.preset}-b{self.batch}-{self.precision}-{self.layout}-{self.impl}"
+            + suffix
         )
 
     def group(self, what: str) -> str:
         return f"{what} {self.device} {self.preset} {self.shape_id} b{self.batch}"
 
     def attrs(self) -> dict:
-        return {"impl": self.impl, "precision": self.precision, "layout": self.layout}
+        return {
+            "impl": self.impl,
+            "precision": self.precision,
+            "layout": self.layout,
+            "compile": "on" if self.compile else "off",
+        }
 
     def info(self, prec) -> dict:
         dtype = prec.autocast_dtype or torch.float32
@@ -104,8 +120,15 @@ def _cpu(impl, precision, channels_last, rounds, warmup):
     return Case("cpu", "digits", (1, 16, 16), 64, impl, precision, channels_last, rounds, warmup)
 
 
-def _cuda(impl, precision, channels_last, rounds, warmup):
-    return Case("cuda", "cifar10", (3, 32, 32), 128, impl, precision, channels_last, rounds, warmup)
+def _cuda(impl, precision, channels_last, rounds, warmup, *, preset="cifar10", batch=128, **kw):
+    shape = (3, 32, 32) if preset == "cifar10" else (1, 16, 16)
+    return Case("cuda", preset, shape, batch, impl, precision, channels_last, rounds, warmup, **kw)
+
+
+def _cuda_train(impl, precision="bf16", channels_last=True, **kw):
+    """20 timed calls of 10 steps after 3 warm-up calls (Triton compilation, the graph's eager
+    warm-up steps and its capture, torch.compile)."""
+    return _cuda(impl, precision, channels_last, 20, 3, steps_per_call=10, **kw)
 
 
 #: CPU: one step ~0.25 s (fp32) on 2 cores, so 10 timed rounds after 2 warm-up calls.
@@ -117,14 +140,23 @@ TRAIN_CASES = [
     _cpu("fastdiff", "fp16", False, 5, 1),  # fp16 autocast + GradScaler: slow on CPU
     _cpu("eager", "fp32", False, 10, 2),
     _cpu("eager", "bf16", False, 10, 2),  # the CPU "auto" choice on AMX machines
-    # CUDA: channels_last (fastdiff's default there) in bf16 / fp32 / fp16, both sides, and
-    # fastdiff bf16 contiguous for the layout ratio.  Warm-up covers Triton compilation.
+    # compile=True: Inductor's C++ compilation of forward and backward takes the warm-up call.
+    Case("cpu", "digits", (1, 16, 16), 64, "fastdiff", "bf16", False, 5, 1, compile=True),
+    # CUDA, cifar10 preset: channels_last (fastdiff's default there) in bf16 / fp32 / fp16 for
+    # the three sides; the graph in bf16 contiguous (layout ratio) and with compile=True.
     *(
-        _cuda(impl, p, True, 20, 3)
+        _cuda_train(impl, p)
         for p in ("bf16", "fp32", "fp16")
-        for impl in ("fastdiff", "eager")
+        for impl in ("fastdiff_graph", "fastdiff_eager", "eager")
     ),
-    _cuda("fastdiff", "bf16", False, 20, 3),
+    _cuda_train("fastdiff_graph", channels_last=False),
+    _cuda_train("fastdiff_graph", compile=True),
+    _cuda_train("fastdiff_eager", compile=True),
+    # CUDA, the default job's model: digits preset, batch 64.
+    *(
+        _cuda_train(impl, preset="digits", batch=64)
+        for impl in ("fastdiff_graph", "fastdiff_eager", "eager")
+    ),
 ]
 
 #: One call = SAMPLE_T denoising steps (CPU: ~1.3 s per call on 2 idle cores).
@@ -134,6 +166,13 @@ SAMPLE_CASES = [
     _cpu("fastdiff_eager", "bf16", False, 5, 1),
     _cpu("eager", "fp32", False, 5, 1),
     *(_cuda(impl, "bf16", True, 10, 2) for impl in ("fastdiff_graph", "fastdiff_eager", "eager")),
+    # s/step against the batch size: the graph removes the per-step host cost that dominates
+    # small batches.
+    *(
+        _cuda(impl, "bf16", True, 10, 2, batch=n)
+        for n in (1, 16, 256)
+        for impl in ("fastdiff_graph", "fastdiff_eager")
+    ),
 ]
 
 
@@ -198,7 +237,8 @@ def _fastdiff_run(case: Case, model, data) -> _Run:
     sched = _schedule("linear", 1000).to(dev)
     source = resolve_data(data)
     model.to(dev, memory_format=memory_format(case.channels_last)).train()
-    return _Run(model, sched, source, case.image_shape, cfg, dev, prec, case.channels_last, 0)
+    return _Run(model, sched, source, case.image_shape, cfg, dev, prec, case.channels_last, 0,
+                cuda_graph=case.impl == "fastdiff_graph", compile=case.compile)  # fmt: skip
 
 
 class EagerTrainer:
@@ -247,12 +287,21 @@ class EagerTrainer:
 
 
 @pytest.mark.parametrize("case", _params(TRAIN_CASES))
-def test_train_step(measure_rounds, base_model, data_set, case):
+def test_train_step(measure_rounds, benchmark, base_model, data_set, case):
     _check_supported(case)
+    if case.compile and case.device == "cpu" and not benchmark.enabled:
+        # tests/test_compile.py trains with compile=True on CPU; here the untimed single run
+        # would spend minutes in Inductor's C++ compilation (about 2 min on 2 cores).
+        pytest.skip("compile=True on CPU is only run when timing (--benchmark-only)")
     run = _fastdiff_run(case, base_model(case), data_set(case))
     prec = run.prec
     # The eager side borrows the run's model, batch source and settings, nothing else.
-    fn = run.train_step if case.impl == "fastdiff" else EagerTrainer(run).train_step
+    step = EagerTrainer(run).train_step if case.impl == "eager" else run.train_step
+
+    def fn():
+        for _ in range(case.steps_per_call):
+            step()
+
     measure_rounds(
         fn,
         group=case.group("train_step"),
@@ -260,12 +309,18 @@ def test_train_step(measure_rounds, base_model, data_set, case):
         device=case.device,
         rounds=case.rounds,
         warmup_rounds=case.warmup_rounds,
-        derive=lambda median: {"images_per_s": round(case.batch / median, 1)},
+        derive=lambda median: {
+            "images_per_s": round(case.batch * case.steps_per_call / median, 1),
+            "ms_per_step": round(median / case.steps_per_call * 1e3, 3),
+        },
         attrs=case.attrs(),
         what="train_step",
+        steps_per_call=case.steps_per_call,
         **case.info(prec),
     )
     assert all(torch.isfinite(p).all() for p in run.model.parameters())
+    if case.impl == "fastdiff_graph":
+        assert run.graph_step is not None and run.graph_step.graph is not None
 
 
 # -- sampling ---------------------------------------------------------------------------------

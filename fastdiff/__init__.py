@@ -9,7 +9,9 @@ Step indices are 0-based everywhere: ``i = t - 1`` in ``0..T-1`` (see fastdiff.s
 
 from . import _checkout, ops  # noqa: F401  (_checkout first: mounts kernels/ in a checkout)
 from .diffusion import Diffusion, load, sample
+from .errors import OutputError
 from .images import save_image_grid
+from .preemption import TrainingInterrupted
 from .schedule import NoiseSchedule
 from .training import train
 from .unet import UNet
@@ -17,6 +19,8 @@ from .unet import UNet
 __all__ = [
     "Diffusion",
     "NoiseSchedule",
+    "OutputError",
+    "TrainingInterrupted",
     "UNet",
     "load",
     "ops",

@@ -10,8 +10,11 @@ A checkpoint is a directory::
 
 Runs keep them under ``<out>/checkpoints/step_XXXXXXXX`` with a ``latest.json`` pointer.
 Writes are atomic: files go to a temporary sibling directory, are fsynced, and the directory
-is renamed into place; then ``latest.json`` is replaced (temp file + os.replace).  A run killed
-at any moment leaves the previous checkpoint intact and pointed to.
+is renamed into place (and the parent directory fsynced); then ``latest.json`` is replaced
+(temp file + os.replace).  A run killed at any moment leaves the previous checkpoint intact and
+pointed to; a write that fails (no space, permission denied, read-only file system) raises
+:class:`~fastdiff.errors.OutputError` naming the checkpoint and the cause, and leaves
+``latest.json`` pointing to the previous checkpoint.
 """
 
 from __future__ import annotations
@@ -28,13 +31,17 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from .atomic import atomic_write_bytes, default_mode
-from .errors import CheckpointError
+from .atomic import atomic_write_bytes, default_mode, fsync_directory
+from .errors import CheckpointError, OutputError
 
 FORMAT_VERSION = 1
 CONFIG, MODEL, EMA, STATE = "config.json", "model.safetensors", "ema.safetensors", "state.pt"
 LATEST = "latest.json"
 CHECKPOINTS_DIR = "checkpoints"
+
+
+class NoCheckpointError(CheckpointError):
+    """The path holds no checkpoint at all (no config.json, latest.json or step_* folder)."""
 
 
 def _sha256(path: Path) -> str:
@@ -89,6 +96,7 @@ def write_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, directory)
+        fsync_directory(directory.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -96,10 +104,26 @@ def write_checkpoint(
 
 
 def save_run_checkpoint(out_dir: str | Path, step: int, keep: int = 2, **contents) -> Path:
-    """Write ``<out>/checkpoints/step_<step>``, point latest.json at it, keep the last ``keep``."""
+    """Write ``<out>/checkpoints/step_<step>``, point latest.json at it, keep the last ``keep``.
+
+    An OSError while writing becomes an :class:`OutputError` naming the checkpoint, the cause
+    and the last good checkpoint, which latest.json still points to (nothing of the failed
+    write is left behind).
+    """
     root = Path(out_dir) / CHECKPOINTS_DIR
-    path = write_checkpoint(root / f"step_{step:08d}", **contents)
-    atomic_write_bytes(root / LATEST, json.dumps({"step": step, "path": path.name}).encode())
+    target = root / f"step_{step:08d}"
+    try:
+        path = write_checkpoint(target, **contents)
+    except OSError as exc:
+        raise OutputError.wrap("checkpoint", target, exc, _latest_note(root)) from exc
+    try:
+        atomic_write_bytes(root / LATEST, json.dumps({"step": step, "path": path.name}).encode())
+    except OSError as exc:
+        if _pointed_to(root) != path.name:  # unreferenced: free its space, keep one truth
+            shutil.rmtree(path, ignore_errors=True)
+        raise OutputError.wrap(
+            "checkpoint pointer", root / LATEST, exc, _latest_note(root)
+        ) from exc
     steps = sorted(p for p in root.glob("step_*") if p.is_dir())
     for old in steps[:-keep] if keep > 0 else []:
         if old != path:
@@ -107,12 +131,27 @@ def save_run_checkpoint(out_dir: str | Path, step: int, keep: int = 2, **content
     return path
 
 
+def _pointed_to(root: Path) -> str | None:
+    try:
+        return json.loads((root / LATEST).read_text())["path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _latest_note(root: Path) -> str:
+    """Which checkpoint a run still resumes from, for error messages."""
+    try:
+        return f"the last good checkpoint, {str(find_checkpoint(root))!r}, is intact"
+    except CheckpointError:
+        return "no earlier checkpoint exists"
+
+
 def find_checkpoint(path: str | Path) -> Path:
     """The checkpoint directory that ``path`` names: a checkpoint itself, a checkpoints folder
     (its latest.json, else its newest step), or a run's output directory containing one."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint: {str(path)!r} does not exist")
+        raise NoCheckpointError(f"checkpoint: {str(path)!r} does not exist")
     if (path / CONFIG).is_file():
         return path
     for root in (path, path / CHECKPOINTS_DIR):
@@ -127,7 +166,11 @@ def find_checkpoint(path: str | Path) -> Path:
         steps = sorted(p for p in root.glob("step_*") if (p / CONFIG).is_file())
         if steps:
             return steps[-1]
-    raise CheckpointError(
+    # Nothing checkpoint-like at all (resume may start afresh) vs. a damaged run (refuse).
+    traces = [p for root in (path, path / CHECKPOINTS_DIR) for p in root.glob("step_*")]
+    traces += [root / LATEST for root in (path, path / CHECKPOINTS_DIR) if (root / LATEST).exists()]
+    kind = CheckpointError if traces else NoCheckpointError
+    raise kind(
         f"checkpoint: no checkpoint found in {str(path)!r} (expected {CONFIG}, {LATEST} or"
         f" {CHECKPOINTS_DIR}/)"
     )

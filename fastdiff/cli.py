@@ -1,14 +1,20 @@
-"""The ``fastdiff`` command line: ``fastdiff train``, ``fastdiff sample``, ``fastdiff eval``.
+"""The ``fastdiff`` command line: ``fastdiff train``, ``sample``, ``eval`` and ``export``.
 
 Bad input (a missing checkpoint or data path, an empty image folder, NaN in the data, a model
-that does not fit the data, ...) prints one line, ``fastdiff: error: ...``, and exits with
-status 2; no traceback (set FASTDIFF_DEBUG=1 to see one).
+that does not fit the data, ...) and failed writes (no space left, permission denied, a
+read-only file system, an --out that is a file) print one line, ``fastdiff: error: ...``, and
+exit with status 2; no traceback (set FASTDIFF_DEBUG=1 to see one).
+
+``fastdiff train`` stopped by SIGTERM or SIGINT finishes the current step, checkpoints it,
+prints one line saying where and how to resume, and exits with 128 + the signal number
+(143 for SIGTERM, 130 for SIGINT).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -16,11 +22,14 @@ import numpy as np
 
 from .errors import FastDiffError
 from .precision import PRECISIONS
+from .preemption import TrainingInterrupted
 
 #: Defaults of ``fastdiff train`` with no arguments: the built-in digits, about 10 minutes on
 #: a 2-core CPU including the final 64-image sample grid (see README.md for the measurement).
 DEFAULT_STEPS = 2000
 DEFAULT_OUT = "runs/digits"
+DEFAULT_SAMPLE_SAMPLER = "ddpm"
+DEFAULT_SAMPLE_STEPS = 100
 
 
 def _add_train(sub) -> None:
@@ -64,7 +73,9 @@ def _add_train(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="[0]")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... [cuda if available]")
     p.add_argument(
-        "--resume", action="store_true", help="continue from the latest checkpoint in --out"
+        "--resume",
+        action="store_true",
+        help="continue from the latest checkpoint in --out (none yet: start at step 0)",
     )
     p.add_argument("--log-every", type=int, default=50, help="steps between log lines [50]")
     p.add_argument(
@@ -74,13 +85,37 @@ def _add_train(sub) -> None:
         help="steps between checkpoints (0: at the end only) [500]",
     )
     p.add_argument(
+        "--checkpoint-minutes",
+        type=float,
+        default=30.0,
+        help="also checkpoint every M minutes of wall-clock time (0: off) [30]",
+    )
+    p.add_argument(
         "--sample-every",
         type=int,
         default=0,
         help="steps between sample grids in OUT/samples/ (0: final only) [0]",
     )
     p.add_argument("--n-samples", type=int, default=64, help="images in a grid [64]")
+    p.add_argument(
+        "--sample-sampler",
+        default=DEFAULT_SAMPLE_SAMPLER,
+        choices=["ddpm", "ddim"],
+        help=f"sampler of the grids [{DEFAULT_SAMPLE_SAMPLER}]",
+    )
+    p.add_argument(
+        "--sample-steps",
+        type=int,
+        default=DEFAULT_SAMPLE_STEPS,
+        help=f"ddim steps of the grids [{DEFAULT_SAMPLE_STEPS}]",
+    )
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers [0]")
+    p.add_argument(
+        "--no-cuda-graph",
+        action="store_true",
+        help="CUDA: run the eager training step instead of replaying it as a CUDA graph",
+    )
+    p.add_argument("--compile", action="store_true", help="run the model through torch.compile")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_train)
 
@@ -92,7 +127,10 @@ def _add_sample(sub) -> None:
         description="Sample images from a checkpoint (a run's output directory or a"
         " checkpoint directory) and write a PNG grid or an .npz of the images.",
     )
-    p.add_argument("checkpoint", help="run output directory or checkpoint directory")
+    p.add_argument(
+        "checkpoint",
+        help="run output directory, checkpoint directory, or diffusers pipeline/UNet2DModel folder",
+    )
     p.add_argument("-n", "--n", type=int, default=64, help="number of images [64]")
     p.add_argument("--seed", type=int, default=0, help="[0]")
     p.add_argument(
@@ -109,9 +147,25 @@ def _add_sample(sub) -> None:
     )
     p.add_argument("--steps", type=int, default=None, help="ddim steps [50]")
     p.add_argument("--eta", type=float, default=0.0, help="ddim noise scale in [0, 1] [0]")
-    p.add_argument("--no-clip", action="store_true", help="ddim: do not clamp x0 to [-1, 1]")
+    clip = p.add_mutually_exclusive_group()
+    clip.add_argument(
+        "--clip",
+        action="store_true",
+        help="clamp the predicted x0 to [-1, 1] at every step [on for ddim, off for ddpm]",
+    )
+    clip.add_argument("--no-clip", action="store_true", help="ddim: do not clamp x0")
     p.add_argument(
-        "--variance", default="beta", choices=["beta", "posterior"], help="ddpm variance [beta]"
+        "--clip-rule",
+        default="rederive",
+        choices=["rederive", "diffusers"],
+        help="ddim with a clamped x0: re-derive eps from it, or keep the model's eps as"
+        " diffusers' DDIMScheduler does [rederive]",
+    )
+    p.add_argument(
+        "--variance",
+        default=None,
+        choices=["beta", "posterior"],
+        help="ddpm variance [beta, or what a diffusers scheduler config says]",
     )
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     p.add_argument("--no-cuda-graph", action="store_true", help="eager sampling on CUDA")
@@ -130,7 +184,10 @@ def _add_eval(sub) -> None:
         description="Evaluate the DDPM bound (prior + diffusion KL terms + discretized"
         " Gaussian decoder) on images, in bits/dim. T model calls per batch.",
     )
-    p.add_argument("checkpoint", help="run output directory or checkpoint directory")
+    p.add_argument(
+        "checkpoint",
+        help="run output directory, checkpoint directory, or diffusers pipeline/UNet2DModel folder",
+    )
     p.add_argument(
         "--data", default="digits", help="built-in name, .npz file or folder of images [digits]"
     )
@@ -141,9 +198,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="[0]")
     p.add_argument(
         "--variance",
-        default="beta",
+        default=None,
         choices=["beta", "posterior"],
-        help="the model's reverse variance sigma_t^2 [beta]",
+        help="the model's reverse variance sigma_t^2 [beta, or its diffusers scheduler's]",
     )
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     p.add_argument("--device", default=None, help="[cuda if available]")
@@ -176,7 +233,7 @@ def _run_eval(args) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         use_ema=not args.no_ema,
-        variance=args.variance,
+        variance=args.variance or diffusion.sampling_default("variance", "beta"),
         progress=not args.no_progress,
     )
     if args.json:
@@ -214,10 +271,15 @@ def _run_train(args) -> int:
         resume=args.resume,
         log_every=args.log_every,
         checkpoint_every=args.checkpoint_every,
+        checkpoint_minutes=args.checkpoint_minutes,
         sample_every=args.sample_every,
         n_samples=args.n_samples,
+        sample_sampler=args.sample_sampler,
+        sample_steps=args.sample_steps if args.sample_sampler == "ddim" else None,
         num_workers=args.workers,
         progress=not args.no_progress,
+        cuda_graph=not args.no_cuda_graph,
+        compile=args.compile,
     )
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes
         print(f"wrote {out / 'samples.png'}, {out / 'metrics.jsonl'} and {out / 'checkpoints'}/")
@@ -241,7 +303,8 @@ def _run_sample(args) -> int:
         sampler=args.sampler,
         steps=args.steps,
         eta=args.eta,
-        clip_x0=False if args.no_clip else None,
+        clip_x0=True if args.clip else False if args.no_clip else None,
+        clip_rule=args.clip_rule,
         use_ema=not args.no_ema,
         cuda_graph=not args.no_cuda_graph,
         precision=args.precision,
@@ -256,25 +319,67 @@ def _run_sample(args) -> int:
     return 0
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a trained model as a diffusers DDPMPipeline directory",
+        description="Write RUN (a run output directory or a checkpoint) as a DDPMPipeline"
+        " directory DIR (model_index.json, unet/, scheduler/) that"
+        " diffusers.DDPMPipeline.from_pretrained(DIR) loads. DIR must be new or empty.",
+    )
+    p.add_argument("source", metavar="RUN", help="run output directory or checkpoint directory")
+    p.add_argument("dir", metavar="DIR", help="the pipeline directory to create")
+    p.add_argument("--format", default="diffusers", choices=["diffusers"], help="[diffusers]")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights, not the EMA")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args) -> int:
+    from .diffusion import load
+
+    diffusion = load(args.source, device="cpu")
+    use_ema = not args.no_ema and diffusion.ema_model is not None
+    path = diffusion.save(args.dir, format=args.format, use_ema=use_ema)
+    weights = "EMA" if use_ema else "raw"
+    print(f"wrote a {args.format} DDPMPipeline with the {weights} weights to {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastdiff", description="Train and sample Denoising Diffusion Probabilistic Models."
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,eval}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,eval,export}")
     _add_train(sub)
     _add_sample(sub)
     _add_eval(sub)
+    _add_export(sub)
     return parser
 
 
+def _stopped_line(exc: TrainingInterrupted, argv: list[str]) -> str:
+    """The one line printed when a signal stopped ``fastdiff train``: where and how to resume."""
+    if exc.checkpoint is None:
+        return f"fastdiff: {exc}"
+    args = list(argv) if "--resume" in argv else [*argv, "--resume"]
+    command = shlex.join(["fastdiff", *args])
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        command += f" (under the same launcher, {world} processes)"
+    return f"fastdiff: {exc}; resume with: {command}"
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports a stop
     try:
         return args.run(args)
-    except (FastDiffError, ValueError, TypeError) as exc:
+    except (FastDiffError, ValueError, TypeError, OSError) as exc:
         # FastDiffError: bad data or checkpoint; ValueError/TypeError: a bad argument value,
-        # raised by validation before any work with a message naming the argument.
+        # raised by validation before any work with a message naming the argument; OSError:
+        # a failed read or write (fastdiff.errors.OutputError names the path and the cause).
         if os.environ.get("FASTDIFF_DEBUG"):
             raise
         print(f"fastdiff: error: {exc}", file=sys.stderr)
@@ -282,6 +387,10 @@ def main(argv=None) -> int:
     except FloatingPointError as exc:
         print(f"fastdiff: error: {exc}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as exc:
+        if main_rank:
+            print(_stopped_line(exc, argv), file=sys.stderr)
+        return exc.exit_status
     except KeyboardInterrupt:
         print("fastdiff: interrupted", file=sys.stderr)
         return 130

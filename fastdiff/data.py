@@ -315,11 +315,18 @@ class InMemoryBatches(Batches):
 
     def next_batch(self) -> torch.Tensor:
         """The next (batch_size, C, H, W) float32 batch on the device."""
+        perm, start = self.next_indices()
+        return self.data.index_select(0, perm[start : start + self.batch_size])
+
+    def next_indices(self) -> tuple[torch.Tensor, int]:
+        """Advance by one batch without gathering it: the epoch's permutation (on the device)
+        and the batch's start in it; the batch is ``data[perm[start : start + batch_size]]``.
+        (A captured training step gathers it on the device: fastdiff.train_graph.)"""
         if self._perm is None or self._pos + self.batch_size > self._perm.numel():
             self._new_epoch()
-        index = self._perm[self._pos : self._pos + self.batch_size]
+        start = self._pos
         self._pos += self.batch_size
-        return self.data.index_select(0, index)
+        return self._perm, start
 
     def state_dict(self) -> dict:
         """Generator state, current permutation (CPU int64) and position within it."""

@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from . import ops
 from .errors import CheckpointError
+from .low_precision import sampling_model
 from .precision import resolve_channels_last, resolve_device, resolve_precision
 from .sampling import Sampler, check_sample_args, run_sampler
 from .schedule import NoiseSchedule
@@ -28,7 +30,9 @@ class Diffusion:
         ema_model: the exponential moving average of model's weights, or None.
         schedule: the NoiseSchedule it was trained with (on the model's device).
         image_shape: (C, H, W) of the images it generates.
-        config: JSON-serialisable record of the model, schedule and training settings.
+        config: JSON-serialisable record of the model, schedule and training settings;
+            ``config["sampling"]`` may hold sampling defaults (``variance``, ``clip_x0``),
+            e.g. from a diffusers scheduler config.
     """
 
     def __init__(
@@ -63,6 +67,10 @@ class Diffusion:
         """``fastdiff.sample(self, n, **kwargs)``."""
         return sample(self, n, **kwargs)
 
+    def sampling_default(self, name: str, fallback):
+        """``config["sampling"][name]`` (a default that ``sample`` uses), else ``fallback``."""
+        return self.config.get("sampling", {}).get(name, fallback)
+
     def checkpoint_config(self) -> dict:
         """What config.json records: enough to rebuild this object with ``fastdiff.load``."""
         model_cfg = getattr(self.model, "config", None)
@@ -76,8 +84,19 @@ class Diffusion:
             image_shape=list(self.image_shape),
         )
 
-    def save(self, path: str | Path) -> Path:
-        """Write weights, EMA weights and config to the directory ``path`` (atomically)."""
+    def save(self, path: str | Path, format: str = "fastdiff", *, use_ema: bool = True) -> Path:
+        """Write weights, EMA weights and config to the directory ``path`` (atomically).
+
+        ``format="diffusers"`` writes a DDPMPipeline directory instead (model_index.json,
+        unet/, scheduler/; see fastdiff.diffusers_io.save_pipeline) with the EMA weights, or
+        the raw ones when ``use_ema=False`` or there are none; ``path`` must be new or empty.
+        """
+        if format == "diffusers":
+            from .diffusers_io import save_pipeline
+
+            return save_pipeline(self, path, use_ema=use_ema)
+        if format != "fastdiff":
+            raise ValueError(f"format: expected 'fastdiff' or 'diffusers', got {format!r}")
         return ckpt.write_checkpoint(
             path,
             model_state=self.model.state_dict(),
@@ -100,21 +119,38 @@ def build_model(config: dict, model: nn.Module | None, where: str) -> nn.Module:
         return model
     if cls_name.endswith(".UNet") and described.get("config") is not None:
         return UNet(**described["config"])
+    if cls_name == "fastdiff.diffusers_io.DiffusersUNet" and described.get("config") is not None:
+        from .diffusers_io import DiffusersUNet
+
+        return DiffusersUNet.from_config(described["config"])
     raise CheckpointError(
         f"checkpoint: {where!r} holds a {cls_name or 'custom'} model; pass model= (an instance"
         " of that class) to fastdiff.load to receive its weights"
     )
 
 
-def load(path: str | Path, *, model: nn.Module | None = None, device=None) -> Diffusion:
+def load(
+    path: str | Path, *, model: nn.Module | None = None, device=None, scheduler=None
+) -> Diffusion:
     """Rebuild a trained Diffusion from a checkpoint directory or a run's output directory.
 
     Args:
         path: a checkpoint (with config.json), a ``checkpoints/`` folder, or a training run's
-            output directory (its latest checkpoint is used).
+            output directory (its latest checkpoint is used); or a local diffusers
+            DDPMPipeline or UNet2DModel directory (see fastdiff.diffusers_io.load_diffusers).
         model: an instance to load the weights into, needed for models other than UNet.
         device: where to put it (default: CUDA when available, else CPU).
+        scheduler: for a diffusers UNet2DModel directory, its scheduler config (a
+            scheduler_config.json or its folder) when it is not beside it or in ../scheduler.
     """
+    from . import diffusers_io  # imports diffusers only to wrap a model it cannot convert
+
+    if diffusers_io.detect(path) is not None:
+        if model is not None:
+            raise ValueError("model: a diffusers directory describes its own model; omit model=")
+        return diffusers_io.load_diffusers(path, scheduler=scheduler, device=device)
+    if scheduler is not None:
+        raise ValueError("scheduler: only a diffusers UNet2DModel directory takes a scheduler")
     directory = ckpt.find_checkpoint(path)
     config = ckpt.read_config(directory)
     names = [n for n in (ckpt.MODEL, ckpt.EMA) if n in config.get("files", {})]
@@ -156,9 +192,10 @@ def sample(
     seed: int | None = None,
     batch_size: int | None = None,
     use_ema: bool = True,
-    variance: str = "beta",
+    variance: str | None = None,
     eta: float = 0.0,
     clip_x0: bool | None = None,
+    clip_rule: str = "rederive",
     cuda_graph: bool = True,
     precision: str | None = None,
     channels_last=None,
@@ -176,14 +213,23 @@ def sample(
         seed: same seed -> same images (on the same device and backend); None draws one.
         batch_size: images denoised at once (default min(n, 256)).
         use_ema: sample with the EMA weights when the model has them (default).
-        variance: ddpm's noise: "beta" (sigma_t^2 = beta_t) or "posterior".
+        variance: ddpm's noise: "beta" (sigma_t^2 = beta_t) or "posterior"; default
+            ``config["sampling"]["variance"]`` (a diffusers scheduler's variance_type), else
+            "beta".
         eta: ddim's noise scale: 0 deterministic (default), 1 DDPM-like.
-        clip_x0: ddim only: clamp the predicted x0 to [-1, 1] at each step (default True for
-            ddim, as diffusers' DDIMScheduler does; the ddpm sampler keeps the exact formulas).
+        clip_x0: clamp the predicted x0 to [-1, 1] at each step.  Default: True for ddim,
+            False for ddpm (Algorithm 20.2 exactly); True for ddpm takes the posterior mean at
+            the clamped x0 (improved-diffusion's ``clip_denoised``).  For ddpm the default is
+            ``config["sampling"]["clip_x0"]`` when recorded (a diffusers clip_sample).
+        clip_rule: ddim with clip_x0: ``"rederive"`` (default) re-derives eps from the clamped
+            x0, eps = (z_t - sqrt(alpha_t) x0) / sqrt(1 - alpha_t), as improved-diffusion does
+            (quality improves with more steps); ``"diffusers"`` keeps the model's eps, as
+            diffusers' DDIMScheduler(clip_sample=True) does (drifts as steps grow).
         cuda_graph: on CUDA, capture one denoising step as a CUDA graph and replay it T times;
             False runs the same step eagerly.  Ignored on CPU (always eager).
         precision: autocast for the model ("auto", "fp32", "bf16", "fp16"); default "auto":
-            the fastest for the sampling device (see fastdiff.precision).
+            the fastest for the sampling device (see fastdiff.precision).  bf16 on CUDA runs
+            a fastdiff UNet from a cached bf16 copy of its weights (fastdiff.low_precision).
         channels_last: memory layout of the latents (default: auto, as for training).
         device: move the model there first (default: where it is).
         progress: show a tqdm progress bar.
@@ -198,16 +244,20 @@ def sample(
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, ()).item())
     batch_size = check_sample_args(n, batch_size, seed, steps, sampler, eta, diffusion.schedule.T)
+    if variance is None:
+        variance = diffusion.sampling_default("variance", "beta")
     if clip_x0 is None:
-        clip_x0 = sampler == "ddim"
-    elif clip_x0 and sampler != "ddim":
-        raise ValueError("clip_x0: only the ddim sampler clips x0 (ddpm keeps the exact formulas)")
+        clip_x0 = sampler == "ddim" or bool(diffusion.sampling_default("clip_x0", False))
+    elif not isinstance(clip_x0, bool):
+        raise TypeError(f"clip_x0: expected True, False or None, got {clip_x0!r}")
+    ops.check_clip_rule(clip_rule)
     if device is not None:
         diffusion.to(resolve_device(device))
     dev = diffusion.device
     prec = resolve_precision(precision or "auto", dev)
     cl = resolve_channels_last(channels_last, dev, prec)
     net = diffusion.ema_model if use_ema and diffusion.ema_model is not None else diffusion.model
+    net = sampling_model(net, prec, dev, cl)  # a UNet in bf16 on CUDA: its cached bf16 copy
     if cl:
         net.to(memory_format=torch.channels_last)
     was_training = net.training
@@ -215,7 +265,7 @@ def sample(
     try:
         runner = Sampler(
             net, diffusion.schedule, precision=prec, channels_last=cl, variance=variance,
-            sampler=sampler, steps=steps, eta=eta, clip_x0=clip_x0,
+            sampler=sampler, steps=steps, eta=eta, clip_x0=clip_x0, clip_rule=clip_rule,
         )  # fmt: skip
         return run_sampler(
             runner,

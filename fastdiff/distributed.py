@@ -83,6 +83,42 @@ def gather_to_main(obj, info: DistInfo) -> list | None:
     return out
 
 
+_host_groups: dict[int, object] = {}
+
+
+def host_group(info: DistInfo):
+    """The process group for small host-side agreements (stop, checkpoint now, a write
+    failed): the default group when it is gloo, else a gloo group made once per default group.
+    Its collectives run on CPU tensors, so they never wait for the GPU.  Under NCCL creating
+    it is a collective: every rank must make the first call at the same point."""
+    if dist.get_backend() == "gloo":
+        return None
+    key = id(dist.group.WORLD)
+    if key not in _host_groups:
+        _host_groups[key] = dist.new_group(backend="gloo")
+    return _host_groups[key]
+
+
+def max_across_ranks(values, info: DistInfo) -> list[int]:
+    """Element-wise max of a few ints over all ranks (a collective; one gloo all-reduce of a
+    CPU tensor, no device synchronisation); ``values`` itself when not distributed."""
+    values = [int(v) for v in values]
+    if not info.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=host_group(info))
+    return t.tolist()
+
+
+def broadcast_from_main(obj, info: DistInfo):
+    """Rank 0's ``obj`` (picklable) on every rank (a collective); ``obj`` when not distributed."""
+    if not info.enabled:
+        return obj
+    box = [obj if info.is_main else None]
+    dist.broadcast_object_list(box, src=0, group=host_group(info))
+    return box[0]
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

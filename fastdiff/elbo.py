@@ -26,6 +26,7 @@ import torch
 from . import ops
 from .diffusion import Diffusion
 from .precision import memory_format, resolve_channels_last, resolve_precision
+from .progress import progress_bar
 from .schedule import NoiseSchedule
 from .validation import require_int
 
@@ -56,11 +57,13 @@ def prior_kl(x: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
 
 @torch.inference_mode()
 def elbo_terms(model, schedule: NoiseSchedule, x: torch.Tensor, *, seed: int,
-               variance: str = "beta", precision=None, channels_last=False) -> dict:  # fmt: skip
+               variance: str = "beta", precision=None, channels_last=False,
+               on_step=None) -> dict:  # fmt: skip
     """The bound's terms for a batch x (B, C, H, W) in [-1, 1], each (B,) nats, float64.
 
     Returns {"prior": (B,), "diffusion": (B,) sum over i = 1..T-1, "decoder": (B,) -log p}.
     Uses one model call per step index (T calls); z_i is drawn with noise seed ``seed + i``.
+    ``on_step()``, if given, is called after each of the T steps (progress bars).
     """
     if variance not in ops.VARIANCES:
         raise ValueError(f"variance: expected one of {sorted(ops.VARIANCES)}, got {variance!r}")
@@ -80,6 +83,8 @@ def elbo_terms(model, schedule: NoiseSchedule, x: torch.Tensor, *, seed: int,
         z = ops.q_sample(x_in, t, schedule, seed=seed + i, validate=False)
         with precision.autocast(device):
             pred = model(z, t)
+        if on_step is not None:
+            on_step()
         z64, pred64 = z.double(), pred.double()
         mean_p = tab["reverse_coef_z"][i] * z64 - tab["reverse_coef_eps"][i] * pred64
         if i == 0:
@@ -114,18 +119,18 @@ def bits_per_dim(diffusion: Diffusion, images: torch.Tensor, *, batch_size: int 
     net.eval()
     totals = {"prior": 0.0, "diffusion": 0.0, "decoder": 0.0}
     batches = range(0, images.shape[0], batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(batches, desc="eval", unit="batch")
+    T = diffusion.schedule.T
+    bar = progress_bar(len(batches) * T, desc="eval", unit="step", enabled=progress)
     try:
         for start in batches:
             x = images[start : start + batch_size].to(device)
             terms = elbo_terms(net, diffusion.schedule, x, seed=seed + start * diffusion.schedule.T,
-                               variance=variance, precision=prec, channels_last=cl)  # fmt: skip
+                               variance=variance, precision=prec, channels_last=cl,
+                               on_step=bar.update)  # fmt: skip
             for k in totals:
                 totals[k] += float(terms[k].sum())
     finally:
+        bar.close()
         net.train(was_training)
     dims = images.shape[0] * math.prod(diffusion.image_shape) * math.log(2.0)
     result = {k: v / dims for k, v in totals.items()}

@@ -42,3 +42,16 @@ class EMA:
             torch._foreach_lerp_(self._shadow_params, self._model_params, 1.0 - self.decay_at(step))
         for shadow_buf, model_buf in self._buffers:
             shadow_buf.copy_(model_buf)
+
+    @torch.no_grad()
+    def update_with(self, weight: torch.Tensor) -> None:
+        """The same update with ``weight`` = 1 - decay_k as a 0-dim fp32 tensor on the weights'
+        device, ema <- ema + weight * (w - ema): no host scalar, so a CUDA graph can capture it
+        (fastdiff.train_graph).  Three multi-tensor kernels (torch has no _foreach_lerp_ with
+        a tensor weight), equal to ``update`` up to rounding."""
+        if self._shadow_params:
+            delta = torch._foreach_sub(self._model_params, self._shadow_params)
+            torch._foreach_mul_(delta, weight)
+            torch._foreach_add_(self._shadow_params, delta)
+        for shadow_buf, model_buf in self._buffers:
+            shadow_buf.copy_(model_buf)

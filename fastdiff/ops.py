@@ -14,7 +14,9 @@ and arithmetic is fp32 (fp64 for fp64 inputs).
 Noise: pass ``noise`` (a tensor shaped like the images) or ``seed`` (an int, or a 1-element
 int64 tensor on the images' device).  With a seed, eps for logical element L is Philox-normal
 noise of (seed, L), generated inside the kernel and never stored; the same seed gives the same
-eps in q_sample, noise_loss and reverse_step, on both backends and in both memory layouts.
+eps in q_sample, noise_loss and reverse_step and in both memory layouts: bit-identical on
+one backend and device; the compiled CUDA kernels' eps (fast approximate log2/sin/cos)
+stays within ``kernels.reference.noise_bound`` of the reference's (see kernels.common).
 
 Dispatch: the ``FASTDIFF_BACKEND`` environment variable, read at every call, is ``auto``
 (default: Triton for CUDA tensors, the torch reference otherwise), ``triton`` (also on CPU
@@ -30,10 +32,12 @@ import torch
 
 from .kernels import reference as ref
 from .schedule import NoiseSchedule
+from .validation import require_int
 
 BACKEND_ENV = "FASTDIFF_BACKEND"
 BACKENDS = ("auto", "triton", "reference")
 VARIANCES = {"beta": "sigma_beta", "posterior": "sigma_posterior"}
+CLIP_RULES = ref.CLIP_RULES
 IMAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _SEED_LIMIT = 2**63
 
@@ -160,94 +164,223 @@ def _check_step_inputs(z_t, pred, t, schedule, validate: bool) -> None:
 
 
 def _reference_eps(noise, seed, like: torch.Tensor) -> torch.Tensor:
+    """eps for the reference path: ``noise``, or the kernels' Philox noise of the seed (through
+    a custom op for seed tensors and under torch.compile, so tracing does not break)."""
     if noise is not None:
         return noise
-    return ref.reference_noise(int(seed), like)
+    if isinstance(seed, int) and not torch.compiler.is_compiling():
+        return ref.reference_noise(seed, like)
+    return _philox_normal_op(_seed_tensor(seed, like.device), list(like.shape))
+
+
+def _seed_tensor(seed, device) -> torch.Tensor:
+    """The seed as a 1-element int64 tensor on ``device`` (a tensor is used as is)."""
+    if isinstance(seed, torch.Tensor):
+        return seed.reshape(1)
+    return torch.full((1,), int(seed), dtype=torch.int64, device=device)
 
 
 def _seed_buffer(seed, device) -> torch.Tensor:
     """The seed as a private device tensor, for noise_loss's backward to regenerate eps from:
     the caller may change its own seed buffer between forward and backward."""
-    if isinstance(seed, torch.Tensor):
-        return seed.reshape(1).clone()
-    return torch.full((1,), int(seed), dtype=torch.int64, device=device)
+    buffer = _seed_tensor(seed, device)
+    return buffer.clone() if isinstance(seed, torch.Tensor) else buffer
 
 
 def _broadcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view(-1, *([1] * (like.dim() - 1)))
 
 
-# -- autograd wrappers around the Triton launchers ---------------------------------------------
+# -- the Triton launchers as torch custom ops ------------------------------------------------
+#
+# Registered in the "fastdiff" namespace with fake (meta) implementations and autograd, so that
+# torch.compile traces code calling them without graph breaks (they stay opaque to Inductor:
+# it calls them as they are).  Optional noise / seed are ``Tensor?`` in the schemas; the seed
+# is a 1-element int64 tensor on the images' device.  Validation stays in the public functions.
 
 
-class QSampleFunction(torch.autograd.Function):
-    """Triton q_sample; d z / d x = sqrt(alpha_t), d z / d noise = sqrt(1 - alpha_t)."""
-
-    @staticmethod
-    def forward(ctx, x, noise, t, sqrt_ac, sqrt_1m_ac, seed):
-        ctx.save_for_backward(t, sqrt_ac, sqrt_1m_ac)
-        return _kernels()[0].q_sample_triton(x, t, sqrt_ac, sqrt_1m_ac, noise, seed)
-
-    @staticmethod
-    def backward(ctx, grad):
-        t, sqrt_ac, sqrt_1m_ac = ctx.saved_tensors
-        g = grad.float()
-        grad_x = grad_noise = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (g * _broadcast(sqrt_ac[t], g)).to(grad.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_noise = (g * _broadcast(sqrt_1m_ac[t], g)).to(grad.dtype)
-        return grad_x, grad_noise, None, None, None, None
+def _dense_empty_like(x: torch.Tensor) -> torch.Tensor:
+    """What the launchers allocate for a result like x: x's layout if x is contiguous or
+    channels_last (``kernels.common.dense``), else contiguous."""
+    if not (x.is_contiguous() or ref.is_channels_last(x)):
+        x = x.contiguous()
+    return torch.empty_like(x)
 
 
-class NoiseLossFunction(torch.autograd.Function):
-    """Triton noise_loss; backward regenerates eps and writes d loss / d pred in one pass."""
-
-    @staticmethod
-    def forward(ctx, pred, noise, weights, seed, reduction):
-        _, kernel, _ = _kernels()
-        B = pred.shape[0]
-        n_per = pred.numel() // B
-        per_sample = kernel.noise_loss_sums_triton(pred, noise, seed) / n_per
-        if weights is not None:
-            per_sample = per_sample * weights.float()
-        ctx.save_for_backward(pred, noise, weights, seed)
-        ctx.reduction, ctx.n_per = reduction, n_per
-        return per_sample.mean() if reduction == "mean" else per_sample
-
-    @staticmethod
-    def backward(ctx, grad):
-        pred, noise, weights, seed = ctx.saved_tensors
-        B = pred.shape[0]
-        scale = (2.0 / ctx.n_per) * grad.float().expand(B)
-        if ctx.reduction == "mean":
-            scale = scale / B
-        if weights is not None:
-            scale = scale * weights.float()
-        grad_pred = _kernels()[1].noise_loss_grad_triton(pred, scale, noise, seed)
-        grad_noise = -grad_pred if ctx.needs_input_grad[1] else None
-        return grad_pred, grad_noise, None, None, None
+def _clip_args(clip) -> tuple:
+    return tuple(clip) if clip is not None else (None, None, None)
 
 
-class ReverseStepFunction(torch.autograd.Function):
-    """Triton reverse_step; linear in z and pred, so its gradients are per-sample scalings."""
+@torch.library.custom_op("fastdiff::q_sample", mutates_args=())
+def _q_sample_op(
+    x: torch.Tensor,
+    t: torch.Tensor,
+    sqrt_ac: torch.Tensor,
+    sqrt_1m_ac: torch.Tensor,
+    noise: torch.Tensor | None,
+    seed: torch.Tensor | None,
+) -> torch.Tensor:
+    """z = sqrt_ac[t] x + sqrt_1m_ac[t] eps (Triton); d z / d x = sqrt_ac[t], d z / d noise =
+    sqrt_1m_ac[t]."""
+    return _kernels()[0].q_sample_triton(x, t, sqrt_ac, sqrt_1m_ac, noise, seed)
 
-    @staticmethod
-    def forward(ctx, z, pred, noise, t, coef_z, coef_eps, sigma, seed, out):
-        ctx.save_for_backward(t, coef_z, coef_eps)
-        return _kernels()[2].reverse_step_triton(
-            z, pred, t, coef_z, coef_eps, sigma, noise, seed, out=out
-        )
 
-    @staticmethod
-    def backward(ctx, grad):
-        t, coef_z, coef_eps = ctx.saved_tensors
-        g = grad.float()
-        grad_z = (g * _broadcast(coef_z[t], g)).to(grad.dtype) if ctx.needs_input_grad[0] else None
-        grad_pred = (
-            (-g * _broadcast(coef_eps[t], g)).to(grad.dtype) if ctx.needs_input_grad[1] else None
-        )
-        return grad_z, grad_pred, None, None, None, None, None, None, None
+@_q_sample_op.register_fake
+def _(x, t, sqrt_ac, sqrt_1m_ac, noise, seed):
+    return _dense_empty_like(x)
+
+
+def _q_sample_setup(ctx, inputs, output):
+    x, t, sqrt_ac, sqrt_1m_ac, noise, _ = inputs
+    ctx.save_for_backward(t, sqrt_ac, sqrt_1m_ac)
+    ctx.grad_x, ctx.grad_noise = x.requires_grad, noise is not None and noise.requires_grad
+
+
+def _q_sample_backward(ctx, grad):
+    t, sqrt_ac, sqrt_1m_ac = ctx.saved_tensors
+    g = grad.float()
+    grad_x = (g * _broadcast(sqrt_ac[t], g)).to(grad.dtype) if ctx.grad_x else None
+    grad_noise = (g * _broadcast(sqrt_1m_ac[t], g)).to(grad.dtype) if ctx.grad_noise else None
+    return grad_x, None, None, None, grad_noise, None
+
+
+_q_sample_op.register_autograd(_q_sample_backward, setup_context=_q_sample_setup)
+
+
+@torch.library.custom_op("fastdiff::noise_loss_sums", mutates_args=())
+def _noise_loss_sums_op(
+    pred: torch.Tensor, noise: torch.Tensor | None, seed: torch.Tensor | None
+) -> torch.Tensor:
+    """Per-sample sums of (pred - eps)^2, fp32 (B,) (Triton).  d / d pred = 2 (pred - eps)."""
+    return _kernels()[1].noise_loss_sums_triton(pred, noise, seed)
+
+
+@_noise_loss_sums_op.register_fake
+def _(pred, noise, seed):
+    return pred.new_empty((pred.shape[0],), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastdiff::noise_loss_grad", mutates_args=())
+def _noise_loss_grad_op(
+    pred: torch.Tensor, scale: torch.Tensor, noise: torch.Tensor | None, seed: torch.Tensor | None
+) -> torch.Tensor:
+    """scale[n] * (pred - eps), like pred (Triton); eps regenerated from the seed."""
+    return _kernels()[1].noise_loss_grad_triton(pred, scale, noise, seed)
+
+
+@_noise_loss_grad_op.register_fake
+def _(pred, scale, noise, seed):
+    return _dense_empty_like(pred)
+
+
+def _noise_loss_setup(ctx, inputs, output):
+    pred, noise, seed = inputs
+    ctx.save_for_backward(pred, noise, seed)
+    ctx.grad_noise = noise is not None and noise.requires_grad
+
+
+def _noise_loss_backward(ctx, grad):
+    pred, noise, seed = ctx.saved_tensors
+    grad_pred = _noise_loss_grad_op(pred, 2.0 * grad.float(), noise, seed)
+    return grad_pred, (-grad_pred if ctx.grad_noise else None), None
+
+
+_noise_loss_sums_op.register_autograd(_noise_loss_backward, setup_context=_noise_loss_setup)
+
+
+@torch.library.custom_op("fastdiff::reverse_step", mutates_args=())
+def _reverse_step_op(
+    z: torch.Tensor,
+    pred: torch.Tensor,
+    t: torch.Tensor,
+    coef_z: torch.Tensor,
+    coef_eps: torch.Tensor,
+    sigma: torch.Tensor,
+    noise: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    clip_x0_z: torch.Tensor | None,
+    clip_x0_eps: torch.Tensor | None,
+    clip_coef_x0: torch.Tensor | None,
+) -> torch.Tensor:
+    """z_{t-1} (Triton); the three clip tables are all given (x0 clipping) or all None."""
+    clip = None if clip_x0_z is None else (clip_x0_z, clip_x0_eps, clip_coef_x0)
+    return _kernels()[2].reverse_step_triton(
+        z, pred, t, coef_z, coef_eps, sigma, noise, seed, clip=clip
+    )
+
+
+@_reverse_step_op.register_fake
+def _(z, pred, t, coef_z, coef_eps, sigma, noise, seed, clip_x0_z, clip_x0_eps, clip_coef_x0):
+    return _dense_empty_like(z)
+
+
+@torch.library.custom_op("fastdiff::reverse_step_out", mutates_args=("out",))
+def _reverse_step_out_op(
+    out: torch.Tensor,
+    z: torch.Tensor,
+    pred: torch.Tensor,
+    t: torch.Tensor,
+    coef_z: torch.Tensor,
+    coef_eps: torch.Tensor,
+    sigma: torch.Tensor,
+    noise: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    clip_x0_z: torch.Tensor | None,
+    clip_x0_eps: torch.Tensor | None,
+    clip_coef_x0: torch.Tensor | None,
+) -> None:
+    """reverse_step written into ``out`` (which may be z itself: the sampler's static buffer)."""
+    clip = None if clip_x0_z is None else (clip_x0_z, clip_x0_eps, clip_coef_x0)
+    _kernels()[2].reverse_step_triton(
+        z, pred, t, coef_z, coef_eps, sigma, noise, seed, out=out, clip=clip
+    )
+
+
+@_reverse_step_out_op.register_fake
+def _(out, z, pred, t, coef_z, coef_eps, sigma, noise, seed, clip_x0_z, clip_x0_eps,
+      clip_coef_x0):  # fmt: skip
+    return None
+
+
+def _reverse_step_setup(ctx, inputs, output):
+    z, pred, t, coef_z, coef_eps, _, _, _, *clip = inputs
+    ctx.clip = clip[0] is not None
+    ctx.save_for_backward(t, coef_z, coef_eps, *((z, pred, *clip) if ctx.clip else ()))
+    ctx.grad_z, ctx.grad_pred = z.requires_grad, pred.requires_grad
+
+
+def _reverse_step_backward(ctx, grad):
+    """Linear in z and pred: per-sample scalings.  With x0 clipping, where x0 is clamped the
+    output no longer depends on x0: the x0 part, coef_x0 * x0, is taken out of the gradient
+    there (x0 = sqrt_recip_ac z - sqrt_recipm1_ac pred, recomputed from the saved inputs)."""
+    t, coef_z, coef_eps, *saved = ctx.saved_tensors
+    g = grad.float()
+    gz, gp = g * _broadcast(coef_z[t], g), -g * _broadcast(coef_eps[t], g)
+    if ctx.clip:
+        z, pred, sqrt_recip_ac, sqrt_recipm1_ac, coef_x0 = saved
+        rz, re = _broadcast(sqrt_recip_ac[t], g), _broadcast(sqrt_recipm1_ac[t], g)
+        x0 = rz * z.float() - re * pred.float()
+        # d(clamp(x0) - x0)/d x0 = -1 where clamped: remove coef_x0 * d x0.
+        g_x0 = -g * _broadcast(coef_x0[t], g) * (x0.abs() > 1.0)
+        gz, gp = gz + g_x0 * rz, gp - g_x0 * re
+    grad_z = gz.to(grad.dtype) if ctx.grad_z else None
+    grad_pred = gp.to(grad.dtype) if ctx.grad_pred else None
+    return (grad_z, grad_pred) + (None,) * 9
+
+
+_reverse_step_op.register_autograd(_reverse_step_backward, setup_context=_reverse_step_setup)
+
+
+@torch.library.custom_op("fastdiff::philox_normal", mutates_args=())
+def _philox_normal_op(seed: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    """The kernels' eps for the reference path: fp32, contiguous, on the seed's device (drawn
+    on the host from ``int(seed)``: a device sync on CUDA)."""
+    return ref.philox_normal(int(seed.reshape(())), shape, device=seed.device)
+
+
+@_philox_normal_op.register_fake
+def _(seed, shape):
+    return seed.new_empty(shape, dtype=torch.float32)
 
 
 # -- public ops ------------------------------------------------------------------------------
@@ -288,13 +421,13 @@ def q_sample(
             schedule.table("sqrt_one_minus_alphas_cumprod", cd),
             _reference_eps(noise, seed, x),
         )
-    return QSampleFunction.apply(
+    return _q_sample_op(
         x,
-        noise,
         t,
         schedule.table("sqrt_alphas_cumprod"),
         schedule.table("sqrt_one_minus_alphas_cumprod"),
-        seed,
+        noise,
+        None if seed is None else _seed_tensor(seed, x.device),
     )
 
 
@@ -342,9 +475,11 @@ def noise_loss(
     if backend_for(pred) == "reference":
         eps = _reference_eps(noise, seed, pred)
         return ref.noise_loss_reference(pred, eps, weights, reduction)
-    return NoiseLossFunction.apply(
-        pred, noise, weights, None if seed is None else _seed_buffer(seed, pred.device), reduction
-    )
+    seed = None if seed is None else _seed_buffer(seed, pred.device)
+    per_sample = _noise_loss_sums_op(pred, noise, seed) / (pred.numel() // pred.shape[0])
+    if weights is not None:
+        per_sample = per_sample * weights.float()
+    return per_sample.mean() if reduction == "mean" else per_sample
 
 
 def reverse_step(
@@ -356,12 +491,22 @@ def reverse_step(
     *,
     seed=None,
     variance: str = "beta",
+    clip_x0: bool = False,
     validate: bool = True,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One step of Algorithm 20.2: z_{t-1} = mu(z_t, pred) + sigma_t eps.
 
         mu = (z_t - beta_t / sqrt(1 - alpha_t) * pred) / sqrt(1 - beta_t)
+
+    With ``clip_x0`` (improved-diffusion's ``clip_denoised``), mu is the posterior mean at the
+    clamped prediction of x0:
+
+        x0 = (z_t - sqrt(1 - alpha_t) pred) / sqrt(alpha_t),
+        mu = c0_t clamp(x0, -1, 1) + c1_t z_t      (posterior_mean_coef_x0 / _z)
+
+    computed as mu + c0_t (clamp(x0) - x0), so it equals the formula above where x0 lies in
+    [-1, 1].  Off by default: the default is Algorithm 20.2 exactly.
 
     Args:
         z_t: current latents (B, C, H, W); pred: the model's eps prediction, same shape.
@@ -371,6 +516,7 @@ def reverse_step(
             fresh noise (the kernel reads seed and t from device memory).
         variance: ``"beta"`` (sigma_t^2 = beta_t, the seed's choice) or ``"posterior"``
             (sigma_t^2 = beta_t (1 - alpha_{t-1}) / (1 - alpha_t)).
+        clip_x0: clamp the predicted x0 to [-1, 1] (see above).
         out: optional tensor like z_t to write the result into (may be z_t itself); only
             without autograd.
     Returns:
@@ -380,6 +526,7 @@ def reverse_step(
     _check_noise_or_seed(noise, seed, z_t, "z_t")
     if variance not in VARIANCES:
         raise ValueError(f"variance: expected one of {sorted(VARIANCES)}, got {variance!r}")
+    _check_flag("clip_x0", clip_x0)
     if backend_for(z_t) == "reference":
         cd = torch.float64 if z_t.dtype == torch.float64 else torch.float32
         result = ref.reverse_step_reference(
@@ -390,19 +537,36 @@ def reverse_step(
             schedule.table("reverse_coef_eps", cd),
             schedule.table(VARIANCES[variance], cd),
             _reference_eps(noise, seed, z_t),
+            clip=_clip_tables(schedule, cd) if clip_x0 else None,
         )
         return result if out is None else out.copy_(result)
-    return ReverseStepFunction.apply(
+    args = (
         z_t,
         pred,
-        noise,
         t,
         schedule.table("reverse_coef_z"),
         schedule.table("reverse_coef_eps"),
         schedule.table(VARIANCES[variance]),
-        seed,
-        out,
+        noise,
+        None if seed is None else _seed_tensor(seed, z_t.device),
+        *_clip_args(_clip_tables(schedule, torch.float32) if clip_x0 else None),
     )
+    if out is None:
+        return _reverse_step_op(*args)
+    _reverse_step_out_op(out, *args)
+    return out
+
+
+def _clip_tables(schedule: NoiseSchedule, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """(1 / sqrt(alpha_t), sqrt(1 / alpha_t - 1), posterior_mean_coef_x0): what x0 clipping
+    reads (x0 = sqrt_recip * z - sqrt_recipm1 * pred: no division in the kernel)."""
+    names = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef_x0")
+    return tuple(schedule.table(name, dtype) for name in names)
+
+
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
 
 
 def ddim_step(
@@ -416,6 +580,7 @@ def ddim_step(
     seed=None,
     eta: float = 0.0,
     clip_x0: bool = False,
+    clip_rule: str = "rederive",
     validate: bool = True,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -429,7 +594,13 @@ def ddim_step(
         t, t_prev: (B,) int64 0-based indices with t_prev < t; t_prev = -1 means the clean
             image (alpha_prev = 1), so the last step returns x0.
         eta: 0 gives the deterministic DDIM sampler; 1 the DDPM-like stochastic one.
-        clip_x0: clamp the predicted x0 to [-1, 1] (diffusers' ``clip_sample``).
+        clip_x0: clamp the predicted x0 to [-1, 1].
+        clip_rule: what the direction term uses once x0 is clamped: ``"rederive"`` (default,
+            improved-diffusion) eps' = (z_t - sqrt(alpha_t) x0_clamped) / sqrt(1 - alpha_t),
+            so the update is DDIM's for the clamped denoiser and converges as steps grow;
+            ``"diffusers"`` keeps pred (DDIMScheduler's ``clip_sample=True,
+            use_clipped_model_output=False``), which shifts z by sqrt(alpha_prev) (x0_clamped
+            - x0) per step whatever the step size, so more steps drift further.
         noise / seed: eps as for q_sample (multiplied by sigma, so not drawn when eta = 0).
     Always runs the torch reference (a fused kernel is future work).  With eta > 0 and a
     seed tensor on CUDA, drawing eps reads the seed back to the host, so such steps cannot be
@@ -443,9 +614,161 @@ def ddim_step(
     _check_noise_or_seed(noise, seed, z_t, "z_t")
     if not 0.0 <= float(eta) <= 1.0:
         raise ValueError(f"eta: expected a value in [0, 1], got {eta}")
+    _check_flag("clip_x0", clip_x0)
+    check_clip_rule(clip_rule)
     cd = torch.float64 if z_t.dtype == torch.float64 else torch.float32
     result = ref.ddim_step_reference(
         z_t, pred, t, t_prev, schedule.table("alphas_cumprod", cd), float(eta),
         _reference_eps(noise, seed, z_t) if eta > 0 else None, clip_x0=clip_x0,
+        clip_rule=clip_rule,
     )  # fmt: skip
     return result if out is None else out.copy_(result)
+
+
+def check_clip_rule(clip_rule) -> None:
+    """Raise a ValueError naming ``clip_rule`` unless it is one of ``CLIP_RULES``."""
+    if clip_rule not in CLIP_RULES:
+        raise ValueError(f"clip_rule: expected one of {CLIP_RULES}, got {clip_rule!r}")
+
+
+# -- GroupNorm (+ SiLU) for channels_last activations ----------------------------------------
+
+
+def _group_norm_kernels():
+    from .kernels import group_norm
+
+    return group_norm
+
+
+@torch.library.custom_op("fastdiff::group_norm_silu", mutates_args=())
+def _group_norm_silu_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    num_groups: int,
+    eps: float,
+    silu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, mean, rstd) of the fused GroupNorm (+ SiLU) on a channels_last x (Triton)."""
+    return _group_norm_kernels().group_norm_fwd_triton(x, weight, bias, num_groups, eps, silu)
+
+
+@_group_norm_silu_op.register_fake
+def _(x, weight, bias, num_groups, eps, silu):
+    stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
+    return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("fastdiff::group_norm_silu_backward", mutates_args=())
+def _group_norm_silu_backward_op(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    num_groups: int,
+    silu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d x, d weight, d bias) of group_norm_silu for d out = grad (Triton)."""
+    kernels = _group_norm_kernels()
+    return kernels.group_norm_bwd_triton(grad, x, weight, bias, mean, rstd, num_groups, silu)
+
+
+@_group_norm_silu_backward_op.register_fake
+def _(grad, x, weight, bias, mean, rstd, num_groups, silu):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias)
+
+
+def _group_norm_setup(ctx, inputs, output):
+    x, weight, bias, num_groups, _, silu = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.num_groups, ctx.silu = num_groups, silu
+
+
+def _group_norm_backward(ctx, grad, _grad_mean, _grad_rstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dw, db = _group_norm_silu_backward_op(
+        grad, x, weight, bias, mean, rstd, ctx.num_groups, ctx.silu
+    )
+    return dx, dw, db, None, None, None
+
+
+_group_norm_silu_op.register_autograd(_group_norm_backward, setup_context=_group_norm_setup)
+
+
+def group_norm_backend(x: torch.Tensor) -> str:
+    """``"triton"`` where the fused kernel takes x (a 4-d channels_last tensor that
+    ``backend_for`` sends to Triton), else ``"reference"`` (torch's GroupNorm, then SiLU)."""
+    if x.dim() == 4 and ref.is_channels_last(x) and backend_for(x) == "triton":
+        return "triton"
+    return "reference"
+
+
+def _check_affine(name: str, p, x: torch.Tensor) -> None:
+    if p is None:
+        return
+    if not isinstance(p, torch.Tensor) or not p.is_floating_point():
+        raise TypeError(f"{name}: expected a floating tensor of shape ({x.shape[1]},) or None")
+    if p.shape != (x.shape[1],):
+        raise ValueError(
+            f"{name}: expected shape ({x.shape[1]},), one per channel, got {tuple(p.shape)}"
+        )
+    if p.device != x.device:
+        raise ValueError(f"{name}: expected device {x.device} like x, got {p.device}")
+
+
+def _check_group_norm_args(x, num_groups, weight, bias, eps, silu) -> None:
+    _check_images("x", x)
+    C = x.shape[1]
+    require_int("num_groups", num_groups)
+    if C % num_groups:
+        raise ValueError(f"num_groups: expected a divisor of the {C} channels, got {num_groups}")
+    _check_affine("weight", weight, x)
+    _check_affine("bias", bias, x)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps: expected a positive number, got {eps!r}")
+    _check_flag("silu", silu)
+
+
+def group_norm_silu(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float = 1e-5,
+    silu: bool = True,
+    *,
+    validate: bool = True,
+) -> torch.Tensor:
+    """GroupNorm over ``num_groups`` groups of x's channels, then (``silu``) SiLU.
+
+        y   = (x - mean_g) / sqrt(var_g + eps) * weight[c] + bias[c]   (biased var, per sample
+                                                                         and group, fp32)
+        out = y * sigmoid(y) if silu else y
+
+    Args:
+        x: (N, C, *) activations, fp32/bf16/fp16 (fp64 on the reference path).
+        num_groups: a positive divisor of C.
+        weight, bias: (C,) affine parameters (any float dtype) or None (1 and 0).
+        eps: added to the variance, > 0.
+        validate: check the arguments (modules that built their parameters pass False).
+    Returns:
+        out, shaped, typed and laid out like x; differentiable w.r.t. x, weight and bias.
+
+    A 4-d channels_last x that dispatch sends to Triton (CUDA tensors by default) runs the
+    fused kernels of ``kernels.group_norm`` (one statistics pass, one normalising pass; the
+    backward likewise), also under torch.compile (a ``fastdiff::group_norm_silu`` custom op).
+    Everything else -- contiguous x included, where torch's own kernels are good -- runs
+    ``F.group_norm`` then ``F.silu`` exactly as a plain nn.GroupNorm + SiLU would.
+    """
+    if validate:
+        _check_group_norm_args(x, num_groups, weight, bias, eps, silu)
+    if group_norm_backend(x) == "reference":
+        return ref.group_norm_silu_reference(x, num_groups, weight, bias, float(eps), silu)
+    if weight is None:
+        weight = torch.ones(x.shape[1], dtype=torch.float32, device=x.device)
+    if bias is None:
+        bias = torch.zeros(x.shape[1], dtype=weight.dtype, device=x.device)
+    return _group_norm_silu_op(x, weight, bias, num_groups, float(eps), silu)[0]

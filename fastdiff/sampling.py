@@ -27,6 +27,7 @@ from torch import nn
 from . import ops
 from .precision import Precision, memory_format
 from .profiling import phase
+from .progress import progress_bar
 from .schedule import NoiseSchedule
 from .validation import require_int
 
@@ -59,6 +60,11 @@ class Sampler:
     ``sampler="ddim"`` visits ``steps`` evenly spaced steps (T-1 .. 0) with the DDIM update.
     Either way the next step index comes from a device table, ``prev_step[t]`` (-1 after the
     last step), so one captured step serves every replay.
+
+    ``clip_x0`` clamps the predicted x0 to [-1, 1] at every step: for ddpm the step then uses
+    the posterior mean at the clamped x0 (improved-diffusion's ``clip_denoised``); for ddim,
+    ``clip_rule`` says whether eps is re-derived from the clamped x0 (``"rederive"``) or kept
+    (``"diffusers"``); see ``ops.ddim_step``.
     """
 
     def __init__(
@@ -73,9 +79,11 @@ class Sampler:
         steps: int | None = None,
         eta: float = 0.0,
         clip_x0: bool = False,
+        clip_rule: str = "rederive",
     ):
         if variance not in ops.VARIANCES:
             raise ValueError(f"variance: expected one of {sorted(ops.VARIANCES)}, got {variance!r}")
+        ops.check_clip_rule(clip_rule)
         self.model = model
         self.schedule = schedule
         self.precision = precision
@@ -84,6 +92,7 @@ class Sampler:
         self.kind = sampler
         self.eta = float(eta)
         self.clip_x0 = bool(clip_x0)
+        self.clip_rule = clip_rule
         self.timesteps = sampling_timesteps(schedule.T, sampler, steps)
         prev = torch.full((schedule.T,), -1, dtype=torch.long)
         prev[self.timesteps[:-1]] = torch.tensor(self.timesteps[1:], dtype=torch.long)
@@ -113,6 +122,7 @@ class Sampler:
                     self.schedule,
                     seed=buf.seed,
                     variance=self.variance,
+                    clip_x0=self.clip_x0,
                     validate=False,
                     out=buf.z,
                 )
@@ -126,19 +136,24 @@ class Sampler:
                     seed=buf.seed,
                     eta=self.eta,
                     clip_x0=self.clip_x0,
+                    clip_rule=self.clip_rule,
                     validate=False,
                     out=buf.z,
                 )
             buf.t.copy_(t_prev)
             buf.seed.add_(1)
 
-    def run_eager(self, buf: StepBuffers) -> torch.Tensor:
+    def run_eager(self, buf: StepBuffers, on_step=None) -> torch.Tensor:
+        """Run every step on ``buf``; ``on_step()`` is called after each (progress bars)."""
         for _ in range(self.num_steps):
             self.step(buf)
+            if on_step is not None:
+                on_step()
         return buf.z
 
-    def run_graph(self, z0: torch.Tensor, seed: int) -> torch.Tensor:
-        """Capture the step once for this batch size (cached), then replay it per step."""
+    def run_graph(self, z0: torch.Tensor, seed: int, on_step=None) -> torch.Tensor:
+        """Capture the step once for this batch size (cached), then replay it per step;
+        ``on_step()`` is called after each replay is queued (the GPU may still be behind)."""
         B = z0.shape[0]
         if B not in self._graphs:
             self._graphs[B] = self._capture(torch.empty_like(z0))
@@ -148,6 +163,8 @@ class Sampler:
         buf.seed.fill_(seed)
         for _ in range(self.num_steps):
             graph.replay()
+            if on_step is not None:
+                on_step()
         return buf.z.clone()
 
     def _capture(self, z: torch.Tensor):
@@ -195,7 +212,7 @@ def run_sampler(
     """n images (n, C, H, W) in [-1, 1], float32 on ``device``, batch by batch."""
     use_graph = cuda_graph and device.type == "cuda" and sampler.capturable
     batches = math.ceil(n / batch_size)
-    bar = _progress(batches * sampler.num_steps, progress)
+    bar = progress_bar(batches * sampler.num_steps, desc="sampling", unit="step", enabled=progress)
     out = []
     with torch.inference_mode():
         for b in range(batches):
@@ -203,29 +220,13 @@ def run_sampler(
             z0 = initial_noise((size, *image_shape), device, seed, b, sampler.channels_last)
             step_seed = seed * _SEED_STRIDE + b * _BATCH_STRIDE
             if use_graph:
-                z = sampler.run_graph(z0, step_seed)
+                z = sampler.run_graph(z0, step_seed, on_step=bar.update)
             else:
-                z = sampler.run_eager(StepBuffers(z0, sampler.timesteps[0], step_seed))
+                buf = StepBuffers(z0, sampler.timesteps[0], step_seed)
+                z = sampler.run_eager(buf, on_step=bar.update)
             out.append(z.float().clamp_(-1.0, 1.0).contiguous())
-            bar.update(sampler.num_steps)
     bar.close()
     return torch.cat(out)
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="sampling", unit="step")
-
-
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def close(self):
-        pass
 
 
 def check_sample_args(n, batch_size, seed, steps, sampler, eta, T) -> int:

@@ -28,6 +28,8 @@ TABLE_NAMES = (
     "alphas_cumprod_prev",
     "sqrt_alphas_cumprod",
     "sqrt_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
     "reverse_coef_z",
     "reverse_coef_eps",
     "sigma_beta",
@@ -50,6 +52,9 @@ def _derive(betas: np.ndarray) -> dict[str, np.ndarray]:
         "alphas_cumprod_prev": ac_prev,
         "sqrt_alphas_cumprod": np.sqrt(ac),
         "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - ac),
+        # predicted x0 = sqrt_recip z - sqrt_recipm1 eps = (z - sqrt(1 - alpha) eps) / sqrt(alpha)
+        "sqrt_recip_alphas_cumprod": 1.0 / np.sqrt(ac),
+        "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / ac - 1.0),
         # mu = (z - beta / sqrt(1 - alpha_t) * eps) / sqrt(1 - beta) = coef_z * z - coef_eps * eps
         "reverse_coef_z": 1.0 / np.sqrt(alphas),
         "reverse_coef_eps": betas / (np.sqrt(1.0 - ac) * np.sqrt(alphas)),

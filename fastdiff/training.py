@@ -13,11 +13,21 @@ buffer read back only every ``log_every`` steps (which is also where a non-finit
 found and reported with its step).  Exact resume: the checkpoint holds model, EMA, optimizer,
 grad scaler, step, the t-sampling generator, torch's RNG (dropout) and the data order, and
 every per-step quantity (lr, noise seed) is a function of the step number alone.
+
+On CUDA the whole step is captured once as a CUDA graph and replayed (fastdiff.train_graph:
+the same step with every per-step value computed on the device); ``cuda_graph=False``,
+multi-process runs and other devices run the eager step below.
+
+Preemption (fastdiff.preemption): SIGTERM or SIGINT during the loop finishes the current step,
+checkpoints it and raises TrainingInterrupted; ranks of a multi-process run agree on when to
+stop (and on wall-clock checkpoints) with one host-side all-reduce of a few ints per step.
+A write that fails (no space, permission denied, read-only file system) raises OutputError
+naming the path and the cause; the last good checkpoint stays the one latest.json points to.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,12 +37,13 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import distributed, ops
+from . import distributed, ops, preemption, train_graph
 from .data import make_batches, resolve_data
 from .diffusion import Diffusion, build_model
 from .ema import EMA
-from .errors import CheckpointError, DataError
+from .errors import CheckpointError, DataError, FastDiffError, OutputError
 from .images import save_image_grid
+from .metrics_log import MetricsLog
 from .precision import (
     memory_format,
     resolve_channels_last,
@@ -41,11 +52,16 @@ from .precision import (
 )
 from .profiling import phase
 from .schedule import NoiseSchedule
+from .sampling import SAMPLERS
 from .unet import PRESETS, UNet
 from .validation import require_int
 
 SAMPLES_FILE = "samples.png"
 METRICS_FILE = "metrics.jsonl"
+
+TrainingInterrupted = preemption.TrainingInterrupted
+logger = logging.getLogger("fastdiff")
+_clock = time.monotonic  # the wall clock of checkpoint_minutes (tests replace it)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -68,9 +84,12 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 50
     checkpoint_every: int = 1000
+    checkpoint_minutes: float | None = None
     sample_every: int = 0
     n_samples: int = 64
     variance: str = "beta"
+    sample_sampler: str = "ddpm"
+    sample_steps: int | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -90,10 +109,35 @@ def _check_config(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise ValueError(f"{name}: expected a positive number, got {value!r}")
+    minutes = cfg.checkpoint_minutes
+    if minutes is not None and not (
+        isinstance(minutes, (int, float))
+        and not isinstance(minutes, bool)
+        and math.isfinite(minutes)
+        and minutes >= 0
+    ):
+        raise ValueError(
+            f"checkpoint_minutes: expected None or a number of minutes >= 0, got {minutes!r}"
+        )
     if cfg.weight_decay < 0:
         raise ValueError(f"weight_decay: expected >= 0, got {cfg.weight_decay}")
     if cfg.variance not in ops.VARIANCES:
         raise ValueError(f"variance: expected one of {sorted(ops.VARIANCES)}, got {cfg.variance!r}")
+    _check_grid_sampler(cfg.sample_sampler, cfg.sample_steps)
+
+
+def _check_grid_sampler(sampler, steps, T: int | None = None) -> None:
+    """The sample grids' sampler, checked before training (sample() would only fail at the end)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sample_sampler: expected one of {SAMPLERS}, got {sampler!r}")
+    if steps is None:
+        return
+    require_int("sample_steps", steps, 1, T)
+    if sampler == "ddpm" and T is not None and steps != T:
+        raise ValueError(
+            f"sample_steps: the ddpm sampler runs all T={T} steps, got {steps}; use"
+            " sample_sampler='ddim' for fewer"
+        )
 
 
 def model_for_data(image_shape: tuple[int, int, int], preset: str | None = None) -> UNet:
@@ -171,13 +215,18 @@ def train(
     seed: int = 0,
     log_every: int = 50,
     checkpoint_every: int = 1000,
+    checkpoint_minutes: float | None = None,
     sample_every: int = 0,
     n_samples: int = 64,
     variance: str = "beta",
+    sample_sampler: str = "ddpm",
+    sample_steps: int | None = None,
     num_workers: int = 0,
     image_size: int | None = None,
     progress: bool = True,
     on_log=None,
+    cuda_graph: bool = True,
+    compile: bool = False,
 ) -> Diffusion:
     """Train a DDPM noise predictor with Algorithm 20.1 and return the trained Diffusion.
 
@@ -198,15 +247,37 @@ def train(
         device: "cpu", "cuda", ... (default: CUDA when available).
         out_dir: where metrics.jsonl, checkpoints/ and sample grids go (None: nothing written).
         resume: continue from the latest checkpoint in out_dir (exactly: N steps then resume to
-            N + M equals N + M uninterrupted steps on the same device).
+            N + M equals N + M uninterrupted steps on the same device).  With no checkpoint
+            there yet, start from step 0 with a one-line notice (logger "fastdiff"), so a job
+            script may always pass it.
         seed: seeds model init, data order, t and the noise.
         log_every: steps between loss read-backs (progress bar, metrics log, NaN check).
         checkpoint_every: steps between checkpoints (0: only at the end).
+        checkpoint_minutes: also checkpoint when this many minutes of wall-clock time have
+            passed since the last checkpoint (None or 0: off), so a run killed without warning
+            loses at most that much work.
         sample_every: steps between sample grids (0: only the final samples.png).
         n_samples: images in each grid.
+        variance, sample_sampler, sample_steps: how the grids are sampled: ``"ddpm"``
+            (Algorithm 20.2, all T steps, with ``variance``) or ``"ddim"`` with
+            ``sample_steps`` steps (default 50; x0 clamped, eps re-derived); see sample().
         num_workers: DataLoader workers when the data streams from host memory.
         image_size: size to resize folder images to.
         on_log: optional callable receiving each metrics record (a dict).
+        cuda_graph: on CUDA, capture the whole training step as one CUDA graph after 3 eager
+            steps and replay it (fastdiff.train_graph); False runs the eager step.  Multi-process
+            runs use the eager step.  Ignored on other devices.
+        compile: run the model through torch.compile (Inductor's default mode; inside the
+            captured step on CUDA).
+
+    Raises:
+        TrainingInterrupted: SIGTERM or SIGINT arrived (main thread only); the step in
+            progress was finished and checkpointed (see fastdiff.preemption).  A
+            KeyboardInterrupt subclass with ``checkpoint``, ``step``, ``signum`` and
+            ``exit_status`` (143 for SIGTERM, 130 for SIGINT).
+        OutputError: an OSError writing the outputs (no space, permission denied, read-only
+            file system); the message names the path and the cause, and the last good
+            checkpoint is intact.
     """
     cfg = TrainConfig(
         steps=steps,
@@ -221,17 +292,23 @@ def train(
         seed=seed,
         log_every=log_every,
         checkpoint_every=checkpoint_every,
+        checkpoint_minutes=checkpoint_minutes,
         sample_every=sample_every,
         n_samples=n_samples,
         variance=variance,
+        sample_sampler=sample_sampler,
+        sample_steps=sample_steps,
     )
     _check_config(cfg)
     if resume and out_dir is None:
         raise ValueError("resume: needs out_dir, the directory holding the run's checkpoints")
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise FastDiffError(f"out_dir: {str(out_dir)!r} exists and is not a directory")
     dist_info, dev = distributed.setup(resolve_device(device))
     prec = resolve_precision(precision, dev)
     cl = resolve_channels_last(channels_last, dev, prec)
     sched = _schedule(schedule, T).to(dev)
+    _check_grid_sampler(sample_sampler, sample_steps, sched.T)
     source = (
         data
         if isinstance(data, torch.utils.data.Dataset)
@@ -245,18 +322,20 @@ def train(
     _check_model_fits(model, image_shape)
     model.to(dev, memory_format=memory_format(cl)).train()
 
-    run = _Run(model, sched, source, image_shape, cfg, dev, prec, cl, num_workers, dist_info)
+    run = _Run(model, sched, source, image_shape, cfg, dev, prec, cl, num_workers, dist_info,
+               cuda_graph=cuda_graph, compile=compile)  # fmt: skip
     out = Path(out_dir) if out_dir is not None else None
     if resume:
         run.restore(out)
-    return run.loop(out, progress=progress and dist_info.is_main, on_log=on_log)
+    return run.loop(out, progress=progress and dist_info.is_main, on_log=on_log, resumed=resume)
 
 
 class _Run:
     """The mutable state of one training run (kept together so it can be checkpointed)."""
 
     def __init__(self, model, schedule, source, image_shape, cfg, device, prec, cl, workers,
-                 dist_info: distributed.DistInfo | None = None):  # fmt: skip
+                 dist_info: distributed.DistInfo | None = None, *, cuda_graph: bool = True,
+                 compile: bool = False):  # fmt: skip
         self.model, self.schedule, self.cfg = model, schedule, cfg
         self.device, self.prec, self.channels_last = device, prec, cl
         self.image_shape = image_shape
@@ -266,16 +345,21 @@ class _Run:
         self.batches = make_batches(
             source, cfg.batch_size, device, seed=rank_seed, num_workers=workers
         )
-        fused = device.type == "cuda"
+        if compile:
+            self.net = torch.compile(self.net)
+        graph = train_graph.graph_enabled(cuda_graph, device, self.dist)
+        fused = device.type == "cuda" or graph  # the captured step needs fused + capturable
         self.optimizer = torch.optim.AdamW(
-            model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None
-        )
+            model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None,
+            capturable=graph,
+        )  # fmt: skip
         self.scaler = torch.amp.GradScaler(device.type, enabled=prec.grad_scaling)
         self.ema = EMA(model, cfg.ema_decay)
         self.t_gen = torch.Generator(device=device).manual_seed(rank_seed + 1)
         self.step = 0
         self.seed_buf = torch.zeros(1, dtype=torch.long, device=device)
         self.losses = torch.zeros(cfg.log_every, dtype=torch.float32, device=device)
+        self.graph_step = train_graph.GraphStep(self) if graph else None
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -285,6 +369,10 @@ class _Run:
         return self.cfg.lr * min(1.0, (step + 1) / self.cfg.warmup_steps)
 
     def train_step(self) -> None:
+        if self.graph_step is not None:  # the same step, device-resident and replayed
+            self.graph_step.step()
+            self.step += 1
+            return
         cfg, k = self.cfg, self.step
         with phase("data"):
             x = self.batches.next_batch().contiguous(
@@ -317,38 +405,125 @@ class _Run:
 
     # -- the loop ---------------------------------------------------------------------------
 
-    def loop(self, out: Path | None, *, progress: bool, on_log) -> Diffusion:
+    #: The checkpoint restore() loaded (None: a fresh run).
+    restored_from: Path | None = None
+
+    def loop(self, out: Path | None, *, progress: bool, on_log, resumed: bool = False) -> Diffusion:
+        """Train up to ``cfg.steps``: log, checkpoint (every ``checkpoint_every`` steps, every
+        ``checkpoint_minutes``, at the end) and stop cleanly on SIGTERM / SIGINT.
+
+        Checkpoints are written between steps, never inside one.  Every rank takes the same
+        decisions at the same step: after each step one host-side all-reduce (gloo, CPU
+        tensors: no device synchronisation) agrees on [signal received, rank 0's clock says
+        checkpoint, rank 0's output write failed].  A signal makes every rank log and save the
+        finished step, then raise TrainingInterrupted; a failed write raises rank 0's
+        OutputError on every rank.  ``resumed``: drop metrics records past the current step.
+        """
         cfg = self.cfg
         writes = out is not None and self.dist.is_main
+        self._failure: OutputError | None = None
+        metrics = None
         if writes:
-            out.mkdir(parents=True, exist_ok=True)
+            try:
+                _make_out_dir(out)
+                metrics = MetricsLog(
+                    out / METRICS_FILE, resumed_step=self.step if resumed else None
+                )
+            except OutputError as exc:
+                self._output_failed(exc)
+        self._agree_on_failure()
+        saved_step, saved_path = self.step, self.restored_from
+        last_save = _clock()
         bar = _bar(cfg.steps, self.step, progress)
-        window_start, window_step = time.perf_counter(), self.step
-        while self.step < cfg.steps:
-            self.train_step()
-            done = self.step == cfg.steps
-            if self.step % cfg.log_every == 0 or done:
-                record = self._log_window(window_step, time.perf_counter() - window_start)
-                bar.update(self.step - bar.n)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
-                if writes:
-                    with open(out / METRICS_FILE, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                if on_log is not None and self.dist.is_main:
-                    on_log(record)
-                window_start, window_step = time.perf_counter(), self.step
-            if out is not None and (
-                done or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0)
-            ):
-                self.save(out)  # a collective: every rank's state goes to rank 0
-            if writes and cfg.sample_every and self.step % cfg.sample_every == 0:
-                self._save_grid(out / "samples" / f"step_{self.step:08d}.png")
-        bar.close()
+        window = (time.perf_counter(), self.step)
+        try:
+            with preemption.StopSignals() as signals:
+                while self.step < cfg.steps:
+                    self.train_step()
+                    done = self.step == cfg.steps
+                    logged = self.step % cfg.log_every == 0 or done
+                    if logged:
+                        window = self._log(window, bar, metrics, on_log)
+                    if writes and cfg.sample_every and self.step % cfg.sample_every == 0:
+                        path = out / "samples" / f"step_{self.step:08d}.png"
+                        self._write(self._save_grid, path, what="sample grid")
+                    time_due = (
+                        self.dist.is_main
+                        and bool(cfg.checkpoint_minutes)
+                        and _clock() - last_save >= 60 * cfg.checkpoint_minutes
+                    )
+                    signum, time_due, failed = distributed.max_across_ranks(
+                        [signals.received or 0, time_due, self._failure is not None], self.dist
+                    )
+                    if failed:
+                        self._agree_on_failure(failed)
+                    if signum and not logged:  # the metrics log ends at the saved step
+                        window = self._log(window, bar, metrics, on_log)
+                    periodic = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
+                    if (
+                        out is not None
+                        and self.step != saved_step
+                        and (done or signum or time_due or periodic)
+                    ):
+                        saved_path = self.save(out)  # a collective: every rank's state to rank 0
+                        saved_step, last_save = self.step, _clock()
+                    if signum:
+                        raise TrainingInterrupted(signum, self.step, saved_path, out)
+                # A signal during the last step or the final save: agreed here, acted on now.
+                signum, failed = distributed.max_across_ranks(
+                    [signals.received or 0, self._failure is not None], self.dist
+                )
+                if failed:
+                    self._agree_on_failure(failed)
+                if signum:
+                    raise TrainingInterrupted(signum, self.step, saved_path, out)
+        finally:
+            bar.close()
+            if metrics is not None:
+                metrics.close()
         diffusion = self.diffusion()
         if writes and cfg.steps > 0:
-            self._save_grid(out / SAMPLES_FILE, diffusion)
-        distributed.barrier(self.dist)
+            self._write(self._save_grid, out / SAMPLES_FILE, diffusion, what="sample grid")
+        self._agree_on_failure()  # also the final barrier: rank 0 has written everything
         return diffusion
+
+    def _log(self, window: tuple[float, int], bar, metrics: MetricsLog | None, on_log):
+        """Log the steps since ``window`` = (start time, start step); return the next window."""
+        record = self._log_window(window[1], time.perf_counter() - window[0])
+        bar.update(self.step - bar.n)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+        if metrics is not None:
+            self._write(metrics.append, record)
+        if on_log is not None and self.dist.is_main:
+            on_log(record)
+        return time.perf_counter(), self.step
+
+    def _write(self, write, *args, what: str | None = None) -> None:
+        """Run a rank-0 output write; report its failure as an OutputError (see loop)."""
+        try:
+            write(*args)
+        except OutputError as exc:
+            self._output_failed(exc)
+        except OSError as exc:
+            self._output_failed(OutputError.wrap(what, args[0], exc))
+
+    def _output_failed(self, exc: OutputError) -> None:
+        """Alone: raise at once.  Distributed: remember it; every rank raises it at the next
+        agreement (rank 0 leaving on its own would leave the others waiting in a collective)."""
+        if not self.dist.enabled:
+            raise exc
+        self._failure = self._failure or exc
+
+    def _agree_on_failure(self, failed: bool | None = None) -> None:
+        """Raise rank 0's output error on every rank if it had one (a collective)."""
+        if failed is None:
+            failed = distributed.max_across_ranks([self._failure is not None], self.dist)[0]
+        if not failed:
+            return
+        error = self._failure
+        summary = None if error is None else (error.errno, str(error), error.filename)
+        summary = distributed.broadcast_from_main(summary, self.dist)
+        raise error if error is not None else OutputError(*summary)
 
     def _log_window(self, window_step: int, seconds: float) -> dict:
         """Read the window's losses back (the only sync), refusing non-finite ones."""
@@ -387,7 +562,11 @@ class _Run:
         diffusion = diffusion or self.diffusion()
         rng_state = torch.get_rng_state()  # sampling must not disturb the training RNG
         images = diffusion.sample(
-            self.cfg.n_samples, seed=self.cfg.seed, variance=self.cfg.variance
+            self.cfg.n_samples,
+            seed=self.cfg.seed,
+            variance=self.cfg.variance,
+            sampler=self.cfg.sample_sampler,
+            steps=self.cfg.sample_steps,
         )
         torch.set_rng_state(rng_state)
         self.model.train()
@@ -404,30 +583,45 @@ class _Run:
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         return state
 
-    def save(self, out: Path) -> Path | None:
-        """Checkpoint (rank 0 writes; every rank must call it: the rank states are gathered)."""
+    def save(self, out: Path) -> Path:
+        """Checkpoint the current step; return its directory.  A collective: every rank calls
+        it (the rank states are gathered), rank 0 writes, and every rank returns the path or
+        raises rank 0's OutputError (the previous checkpoint stays the latest)."""
         ranks = distributed.gather_to_main(self.rank_state(), self.dist)
-        if not self.dist.is_main:
-            return None
-        train_state = {
-            "step": self.step,
-            "world_size": self.dist.world,
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "ranks": ranks,
-        }
-        return ckpt.save_run_checkpoint(
-            out,
-            self.step,
-            model_state=self.model.state_dict(),
-            ema_state=self.ema.shadow.state_dict(),
-            config=self.diffusion().checkpoint_config(),
-            train_state=train_state,
-        )
+        result = None
+        if self.dist.is_main:
+            train_state = {
+                "step": self.step,
+                "world_size": self.dist.world,
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "ranks": ranks,
+            }
+            try:
+                result = ckpt.save_run_checkpoint(
+                    out,
+                    self.step,
+                    model_state=self.model.state_dict(),
+                    ema_state=self.ema.shadow.state_dict(),
+                    config=self.diffusion().checkpoint_config(),
+                    train_state=train_state,
+                )
+            except OutputError as exc:
+                result = exc
+        result = distributed.broadcast_from_main(result, self.dist)
+        if isinstance(result, OutputError):
+            raise result
+        return result
 
-    def restore(self, out: Path) -> None:
-        """Load the latest checkpoint of the run in ``out`` (exact resume)."""
-        directory = ckpt.find_checkpoint(out)
+    def restore(self, out: Path) -> Path | None:
+        """Load the latest checkpoint of the run in ``out`` (exact resume) and return it.  With
+        no checkpoint there at all, log a one-line notice and keep the fresh state (None)."""
+        try:
+            directory = ckpt.find_checkpoint(out)
+        except ckpt.NoCheckpointError:
+            if self.dist.is_main:
+                logger.warning(f"fastdiff: no checkpoint in {str(out)!r} yet; starting at step 0")
+            return None
         config = ckpt.read_config(directory)
         ckpt.verify_files(directory, config, list(config.get("files", {})))
         self._check_compatible(config, directory)
@@ -455,6 +649,8 @@ class _Run:
             torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
         self.batches.load_state_dict(mine["batches"])
         self.step = int(state["step"])
+        self.restored_from = directory
+        return directory
 
     def _check_compatible(self, config: dict, directory: Path) -> None:
         saved = config.get("train", {})
@@ -472,6 +668,13 @@ class _Run:
                 f"checkpoint: {str(directory)!r} was trained on images of shape"
                 f" {config.get('image_shape')}, the data has {list(self.image_shape)}"
             )
+
+
+def _make_out_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError.wrap("output directory", out, exc, verb="create") from exc
 
 
 def _bar(total: int, initial: int, enabled: bool):

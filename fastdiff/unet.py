@@ -29,9 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ops
 from .errors import FastDiffError
 
-__all__ = ["UNet", "PRESETS", "count_parameters", "timestep_embedding"]
+__all__ = ["UNet", "GroupNormSiLU", "PRESETS", "count_parameters", "timestep_embedding"]
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -100,20 +101,27 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+def timestep_embedding(
+    t: torch.Tensor, dim: int, *, flip_sin_to_cos: bool = False, freq_shift: int = 1
+) -> torch.Tensor:
     """Sinusoidal embedding of step indices, as in the DDPM code.
 
     ``t``: (B,) step indices (any real dtype). Returns (B, dim) float32:
-    ``[sin(t * f_0..f_{h-1}), cos(t * f_0..f_{h-1})]`` with ``f_i = 10000^(-i / (h - 1))``,
-    ``h = dim // 2``, zero-padded when ``dim`` is odd.
+    ``[sin(t * f_0..f_{h-1}), cos(t * f_0..f_{h-1})]`` with ``f_i = 10000^(-i / (h - s))``,
+    ``h = dim // 2``, ``s = freq_shift``, zero-padded when ``dim`` is odd; ``[cos, sin]`` with
+    ``flip_sin_to_cos``.  The defaults are the DDPM code's (diffusers' ``flip_sin_to_cos=False,
+    freq_shift=1``); the float32 operation order is diffusers' too, so both give equal bits.
     """
     half = dim // 2
-    freqs = torch.exp(
-        torch.arange(half, device=t.device, dtype=torch.float32)
-        * (-math.log(10000.0) / max(half - 1, 1))
-    )
+    exponent = -math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32)
+    freqs = torch.exp(exponent / max(half - freq_shift, 1))
     args = t.to(torch.float32)[:, None] * freqs[None, :]
-    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    sin_cos = (
+        (torch.cos(args), torch.sin(args))
+        if flip_sin_to_cos
+        else (torch.sin(args), torch.cos(args))
+    )
+    emb = torch.cat(sin_cos, dim=1)
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
@@ -123,23 +131,44 @@ def _conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1)
 
 
+class GroupNormSiLU(nn.GroupNorm):
+    """nn.GroupNorm followed by SiLU (``silu=True``) in one op: ``ops.group_norm_silu``.
+
+    The fused NHWC kernel runs where dispatch sends channels_last activations to Triton (CUDA);
+    elsewhere it is exactly ``F.silu(F.group_norm(x, ...))``.  Parameters and state_dict keys
+    are nn.GroupNorm's (``weight``, ``bias``), so checkpoints do not change.
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, silu: bool = True):
+        super().__init__(num_groups, num_channels, eps=eps)
+        self.silu = silu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.group_norm_silu(
+            x, self.num_groups, self.weight, self.bias, self.eps, self.silu, validate=False
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, silu={self.silu}"
+
+
 class ResBlock(nn.Module):
     """(B, c_in, H, W), time embedding (B, temb_dim) -> (B, c_out, H, W)."""
 
     def __init__(self, c_in: int, c_out: int, temb_dim: int, dropout: float, groups: int):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, c_in)
+        self.norm1 = GroupNormSiLU(groups, c_in)
         self.conv1 = _conv3x3(c_in, c_out)
         self.temb_proj = nn.Linear(temb_dim, c_out)
-        self.norm2 = nn.GroupNorm(groups, c_out)
+        self.norm2 = GroupNormSiLU(groups, c_out)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = _conv3x3(c_out, c_out)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv1(self.norm1(x))
         h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv2(self.dropout(self.norm2(h)))
         return self.skip(x) + h
 
 
@@ -149,7 +178,7 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int, groups: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
-        self.norm = nn.GroupNorm(groups, channels)
+        self.norm = GroupNormSiLU(groups, channels, silu=False)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
@@ -169,13 +198,21 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Stride-2 conv3x3: (B, C, H, W) -> (B, C, H/2, W/2)."""
+    """Stride-2 conv3x3: (B, C, H, W) -> (B, C, H/2, W/2).
 
-    def __init__(self, channels: int):
+    ``padding=1`` pads one zero on every side; ``padding=0`` pads one zero on the right and
+    bottom only (TensorFlow's "SAME" for this stride, as in the original DDPM code and
+    diffusers' ``downsample_padding=0``).
+    """
+
+    def __init__(self, channels: int, padding: int = 1):
         super().__init__()
-        self.conv = _conv3x3(channels, channels, stride=2)
+        self.pad_right_bottom = padding == 0
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad_right_bottom:
+            x = F.pad(x, (0, 1, 0, 1))
         return self.conv(x)
 
 
@@ -207,6 +244,12 @@ class UNet(nn.Module):
 
     ``config`` holds the constructor arguments as a JSON-serialisable dict, so
     ``UNet(**model.config)`` rebuilds the same architecture.
+
+    Conventions that differ between DDPM ports (defaults: this module's own; diffusers'
+    DDPM checkpoints such as google/ddpm-cifar10-32 use ``norm_eps=1e-6,
+    downsample_padding=0``; see fastdiff.diffusers_convert): ``norm_eps`` of every GroupNorm,
+    ``downsample_padding`` (see Downsample), and the time embedding's ``flip_sin_to_cos`` and
+    ``freq_shift`` (see timestep_embedding).
     """
 
     def __init__(
@@ -222,6 +265,10 @@ class UNet(nn.Module):
         image_size: int = 32,
         num_groups: int = 32,
         num_heads: int = 1,
+        norm_eps: float = 1e-5,
+        downsample_padding: int = 1,
+        flip_sin_to_cos: bool = False,
+        freq_shift: int = 1,
     ):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
@@ -239,6 +286,14 @@ class UNet(nn.Module):
             num_groups,
             num_heads,
         )
+        if not (isinstance(norm_eps, (int, float)) and 0.0 < norm_eps < 1.0):
+            raise FastDiffError(f"norm_eps must be in (0, 1), got {norm_eps!r}")
+        if downsample_padding not in (0, 1) or isinstance(downsample_padding, bool):
+            raise FastDiffError(f"downsample_padding must be 0 or 1, got {downsample_padding!r}")
+        if not isinstance(flip_sin_to_cos, bool):
+            raise FastDiffError(f"flip_sin_to_cos must be True or False, got {flip_sin_to_cos!r}")
+        if freq_shift not in (0, 1) or isinstance(freq_shift, bool):
+            raise FastDiffError(f"freq_shift must be 0 or 1, got {freq_shift!r}")
         self.config: dict[str, Any] = dict(
             in_channels=in_channels,
             out_channels=out_channels,
@@ -250,6 +305,10 @@ class UNet(nn.Module):
             image_size=image_size,
             num_groups=num_groups,
             num_heads=num_heads,
+            norm_eps=float(norm_eps),
+            downsample_padding=downsample_padding,
+            flip_sin_to_cos=flip_sin_to_cos,
+            freq_shift=freq_shift,
         )
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -284,7 +343,7 @@ class UNet(nn.Module):
                 stage.attns.append(attn(ch) if res_ in attention_resolutions else nn.Identity())
                 skip_channels.append(ch)
             if level != len(channel_mult) - 1:
-                stage.downsample = Downsample(ch)
+                stage.downsample = Downsample(ch, downsample_padding)
                 skip_channels.append(ch)
                 res_ //= 2
             else:
@@ -313,8 +372,11 @@ class UNet(nn.Module):
             self.up.append(stage)
         assert not skip_channels
 
-        self.norm_out = nn.GroupNorm(num_groups, ch)
+        self.norm_out = GroupNormSiLU(num_groups, ch)
         self.conv_out = _conv3x3(ch, out_channels)
+        for m in self.modules():
+            if isinstance(m, nn.GroupNorm):
+                m.eps = float(norm_eps)
         self._init_weights()
 
     @staticmethod
@@ -432,7 +494,12 @@ class UNet(nn.Module):
     def forward(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """z: (B, in_channels, H, W), t: (B,) step indices -> (B, out_channels, H, W)."""
         t = self._check_inputs(z, t)
-        emb = timestep_embedding(t, self.base_channels)
+        emb = timestep_embedding(
+            t,
+            self.base_channels,
+            flip_sin_to_cos=self.config["flip_sin_to_cos"],
+            freq_shift=self.config["freq_shift"],
+        )
         first = self.time_embed[0].weight
         if first.dtype != emb.dtype and not torch.is_autocast_enabled(z.device.type):
             emb = emb.to(first.dtype)  # half-precision weights without autocast
@@ -455,4 +522,4 @@ class UNet(nn.Module):
                 h = attn(block(torch.cat([h, hs.pop()], dim=1), temb))
             h = stage.upsample(h)
 
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(self.norm_out(h))

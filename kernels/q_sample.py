@@ -10,25 +10,31 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dense, launch, same_layout, sample_block, seed_tensor, standard_normal
+from .common import chunk, chunk_noise, dense, launch, program_sample, same_layout, seed_tensor
 
 
 @triton.jit
 def q_sample_kernel(
     x_ptr, noise_ptr, out_ptr, t_ptr, sqrt_ac_ptr, sqrt_1m_ac_ptr, seed_ptr,
     n_per, C, HW, blocks_per_sample,
-    BLOCK: tl.constexpr, CHANNELS_LAST: tl.constexpr, NOISE_FROM_SEED: tl.constexpr,
+    ROWS: tl.constexpr, W: tl.constexpr, NCH: tl.constexpr, LAYOUT: tl.constexpr,
+    FAST_MATH: tl.constexpr, NOISE_FROM_SEED: tl.constexpr,
 ):  # fmt: skip
-    n, r, mask, base = sample_block(BLOCK, n_per, blocks_per_sample)
+    n, _, _ = program_sample(n_per, blocks_per_sample)
     step = tl.load(t_ptr + n)
     a = tl.load(sqrt_ac_ptr + step).to(tl.float32)
     b = tl.load(sqrt_1m_ac_ptr + step).to(tl.float32)
-    x = tl.load(x_ptr + base + r, mask=mask, other=0.0).to(tl.float32)
-    if NOISE_FROM_SEED:
-        eps = standard_normal(seed_ptr, base, r, C, HW, CHANNELS_LAST)
-    else:
-        eps = tl.load(noise_ptr + base + r, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + base + r, (a * x + b * eps).to(out_ptr.dtype.element_ty), mask=mask)
+    seed = tl.load(seed_ptr)
+    for s in tl.static_range(NCH):
+        base, offs, mask = chunk(n_per, blocks_per_sample, s, ROWS, W, NCH, LAYOUT)
+        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        if NOISE_FROM_SEED:
+            eps = chunk_noise(seed, base, offs, C, HW, blocks_per_sample, s,
+                              ROWS, W, NCH, LAYOUT, FAST_MATH)  # fmt: skip
+        else:
+            eps = tl.load(noise_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        z = a * x + b * eps
+        tl.store(out_ptr + base + offs, z.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def q_sample_triton(
@@ -50,6 +56,7 @@ def q_sample_triton(
     launch(
         q_sample_kernel,
         x,
+        seeded=noise is None,
         x_ptr=x,
         noise_ptr=noise if noise is not None else x,
         out_ptr=out,

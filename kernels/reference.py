@@ -1,10 +1,11 @@
 """Plain-torch references for the fused ops, written straight from the formulas.
 
 They are the CPU path of fastdiff (and what the Triton kernels are tested against).  Noise
-from a seed is the kernels' noise exactly: ``philox_normal`` re-implements
-``tl.randn(seed, L)`` (Philox-4x32-10, Box-Muller, Triton's uint -> float mapping) in uint64
-numpy arithmetic, with L the logical (NCHW row-major) element index.  Only torch and numpy are
-imported here, so this module works where Triton is not installed.
+from a seed is the kernels' noise: ``philox_normal`` re-implements kernels.common's generator
+(one Philox4x32-10 call per four logical neighbours, two Box-Muller pairs) in numpy uint64 and
+float32 arithmetic, with L the logical (NCHW row-major) element index; it equals the Triton
+interpreter bit for bit and compiled CUDA kernels within ``noise_bound``.  Only torch and numpy
+are imported here, so this module works where Triton is not installed.
 
 Arithmetic is fp32 for fp32/bf16/fp16 inputs and fp64 for fp64 inputs (for gradcheck);
 results keep the dtype and memory layout of the first tensor argument.
@@ -21,6 +22,8 @@ _MASK32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
 _N_ROUNDS = 10
+_NEG_2_LN2 = -1.3862943611198906  # as in kernels.common
+_TWO_PI = 6.283185307179586
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -48,20 +51,12 @@ def _per_sample(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> tor
     return vals.view(-1, *([1] * (like.dim() - 1)))
 
 
-def philox_normal(seed: int, shape, device=None, start: int = 0) -> torch.Tensor:
-    """fp32 N(0, 1) noise of ``shape``: element L (row-major) is ``tl.randn(seed, start + L)``.
-
-    Computed with numpy uint64 arithmetic on the host (about 3x faster than int64 torch ops
-    for the sizes the CPU path sees), then moved to ``device``.
-    """
-    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
-    n = math.prod(int(s) for s in shape)
-    offset = np.arange(start, start + n, dtype=np.uint64)
+def philox4x32_10(c0, c1, c2, c3, seed: int):
+    """Philox4x32-10 (Salmon et al. 2011, Random123's philox4x32_10) of the counter words
+    c0..c3 (uint64 arrays holding uint32 values) under the 64-bit key ``seed`` (low word k0,
+    high word k1).  Returns the four output words (uint64 arrays of uint32 values)."""
     mask, s32 = np.uint64(_MASK32), np.uint64(32)
-    c0, c1 = offset & mask, offset >> s32
-    c2 = np.zeros_like(c0)
-    c3 = np.zeros_like(c0)
-    k0, k1 = seed & _MASK32, seed >> 32
+    k0, k1 = int(seed) & _MASK32, (int(seed) >> 32) & _MASK32
     round_a, round_b = np.uint64(_ROUND_A), np.uint64(_ROUND_B)
     for _ in range(_N_ROUNDS):
         # 32 x 32-bit products are exact in uint64: high word = mulhi, low word = mullo.
@@ -74,18 +69,78 @@ def philox_normal(seed: int, shape, device=None, start: int = 0) -> torch.Tensor
             prod_a & mask,
         )
         k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
-    u1 = np.maximum(_uint_to_uniform(c0), np.float32(1.0e-7))
-    u2 = _uint_to_uniform(c1)
-    r = np.sqrt(np.float32(-2.0) * np.log(u1))
-    eps = r * np.cos(u2 * np.float32(6.283185307179586))
-    return torch.from_numpy(eps.reshape(tuple(int(s) for s in shape))).to(device)
+    return c0, c1, c2, c3
 
 
-def _uint_to_uniform(u: np.ndarray) -> np.ndarray:
-    """Triton's mapping of a random uint32 to [0, 1): as int32, x < 0 -> ~x, times 2^-31."""
-    x = u.astype(np.uint32).view(np.int32)
-    x = np.where(x < 0, ~x, x)
-    return x.astype(np.float32) * np.float32(4.6566127342e-10)
+def box_muller(a: np.ndarray, b: np.ndarray):
+    """(R cos 2 pi V, R sin 2 pi V) and R, float32, from uint32 words a (radius), b (angle).
+
+    U = a 2^-32 + 2^-33 in (0, 1], R = sqrt(max(log2(U) * -2 ln 2, 0)); V = b's top 23 bits as
+    a float in [1, 2) minus 1.5, in [-0.5, 0.5).  Every step is the float32 operation that
+    kernels.common.box_muller performs (the interpreter runs that code on numpy too).
+    """
+    u = a.astype(np.float32) * np.float32(2.0**-32) + np.float32(2.0**-33)
+    r = np.sqrt(np.maximum(np.log2(u) * np.float32(_NEG_2_LN2), np.float32(0.0)))
+    v = ((b >> np.uint64(9)) | np.uint64(0x3F800000)).astype(np.uint32).view(np.float32)
+    theta = np.float32(_TWO_PI) * (v - np.float32(1.5))
+    return r * np.cos(theta), r * np.sin(theta), r
+
+
+def philox_normal(seed: int, shape, device=None, start: int = 0, *, with_radius=False):
+    """fp32 N(0, 1) noise of ``shape``; row-major element j is the kernels' eps of logical
+    index L = start + j: output L % 4 of the Philox call L // 4 (see kernels.common).
+
+    With ``with_radius``, also returns each element's Box-Muller radius R (the length of the
+    pair it was drawn with), which ``noise_bound`` takes.  Computed with numpy on the host,
+    then moved to ``device``.
+    """
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    shape = tuple(int(s) for s in shape)
+    n = math.prod(shape)
+    first = start // 4
+    g = np.arange(first, (start + n + 3) // 4, dtype=np.uint64)
+    zero = np.zeros_like(g)
+    w0, w1, w2, w3 = philox4x32_10(g & np.uint64(_MASK32), g >> np.uint64(32), zero, zero, seed)
+    z0, z1, r01 = box_muller(w0, w1)
+    z2, z3, r23 = box_muller(w2, w3)
+    lo = start - 4 * first
+    eps = np.stack([z0, z1, z2, z3], axis=1).reshape(-1)[lo : lo + n].reshape(shape)
+    eps = torch.from_numpy(eps).to(device)
+    if not with_radius:
+        return eps
+    radius = np.stack([r01, r01, r23, r23], axis=1).reshape(-1)[lo : lo + n].reshape(shape)
+    return eps, torch.from_numpy(radius).to(device)
+
+
+#: Documented worst cases that noise_bound sums (CUDA Math API, "Intrinsic functions";
+#: numpy's float32 log2/sin/cos measured at <= 2.2 ulp and budgeted at 4 ulp).
+_LG2_APPROX_ABS = 2.0**-22  # lg2.approx.f32 on [0.5, 2]; 2 ulp (relative 2^-22) elsewhere
+_COS_APPROX_ABS = 2.0**-21.19  # cos.approx.f32 on [-pi, pi] (sin: 2^-21.41)
+_SQRT_APPROX_REL = 2.0**-22  # sqrt.approx.f32, budgeted at 2 ulp
+_NUMPY_REL = 4 * 2.0**-23  # numpy float32 log2 / cos / sin, 4 ulp
+_ROUND = 2.0**-24  # one float32 rounding
+
+
+def noise_bound(radius: torch.Tensor) -> torch.Tensor:
+    """Per-element bound on |eps(compiled CUDA kernel) - eps(philox_normal)| for the same seed.
+
+    Both compute the same Philox words and the same U, V exactly; they differ only in log2,
+    cos/sin and sqrt (hardware approximations vs numpy).  With E = -ln U = R^2 / 2:
+
+        |dR^2|   <= 2 ln2 (LG2 max(1, E / ln2) + NUMPY E / ln2) + 2 ROUND R^2  <= a + b R^2
+        |dR|     <= min(|dR^2| / R, sqrt(|dR^2|)) + R (SQRT + ROUND)
+        |d eps|  <= |dR| + R (COS + NUMPY + 2 ROUND)
+
+    which is about 3e-7 / R + 2e-6 R; this returns twice that (fp32 tensor like ``radius``):
+    4e-6 R at R = 1, 2.7e-5 at the largest radius (6.8), 7e-5 at R = 0.01.
+    """
+    r = radius.double().clamp(min=1e-30)
+    a = 2 * math.log(2) * _LG2_APPROX_ABS
+    b = _LG2_APPROX_ABS + _NUMPY_REL + 2 * _ROUND
+    d_r2 = a + b * r * r
+    d_r = torch.minimum(d_r2 / r, d_r2.sqrt()) + r * (_SQRT_APPROX_REL + _ROUND)
+    d_eps = d_r + r * (_COS_APPROX_ABS + _NUMPY_REL + 2 * _ROUND)
+    return (2 * d_eps).to(torch.float32)
 
 
 def reference_noise(seed: int, like: torch.Tensor) -> torch.Tensor:
@@ -113,25 +168,51 @@ def noise_loss_reference(pred, noise, weights=None, reduction="mean"):
     return per_sample.mean() if reduction == "mean" else per_sample
 
 
-def reverse_step_reference(z, pred, t, coef_z, coef_eps, sigma, noise):
-    """mu = coef_z[t] z - coef_eps[t] pred; z_{t-1} = mu + sigma[t] eps, sigma := 0 at t == 0."""
+def reverse_step_reference(z, pred, t, coef_z, coef_eps, sigma, noise, clip=None):
+    """mu = coef_z[t] z - coef_eps[t] pred; z_{t-1} = mu + sigma[t] eps, sigma := 0 at t == 0.
+
+    ``clip`` = (sqrt_recip_ac, sqrt_recipm1_ac, coef_x0) tables clamps the predicted x0 to
+    [-1, 1] (improved-diffusion's ``clip_denoised``): with x0 = sqrt_recip_ac[t] z -
+    sqrt_recipm1_ac[t] pred = (z - sqrt(1 - a_t) pred) / sqrt(a_t), the posterior mean
+    coef_x0[t] x0 + coef_z'[t] z is taken at the clamped x0, i.e.
+
+        mu_clip = mu + coef_x0[t] (clamp(x0, -1, 1) - x0)
+
+    (exactly mu where x0 is inside [-1, 1]).
+    """
     cd = _compute_dtype(z)
     sig = torch.where(t == 0, torch.zeros_like(sigma[t]), sigma[t]).to(cd)
     sig = sig.view(-1, *([1] * (z.dim() - 1)))
-    mu = _per_sample(coef_z, t, z) * z.to(cd) - _per_sample(coef_eps, t, z) * pred.to(cd)
+    zc, pc = z.to(cd), pred.to(cd)
+    mu = _per_sample(coef_z, t, z) * zc - _per_sample(coef_eps, t, z) * pc
+    if clip is not None:
+        sqrt_recip_ac, sqrt_recipm1_ac, coef_x0 = clip
+        x0 = _per_sample(sqrt_recip_ac, t, z) * zc - _per_sample(sqrt_recipm1_ac, t, z) * pc
+        mu = mu + _per_sample(coef_x0, t, z) * (x0.clamp(-1.0, 1.0) - x0)
     return _like(mu + sig * noise.to(cd), z)
 
 
-def ddim_step_reference(z, pred, t, t_prev, alphas_cumprod, eta, noise, clip_x0=False):
+#: How DDIM uses a clamped x0: "rederive" recomputes eps from it (improved-diffusion);
+#: "diffusers" keeps the model's eps (DDIMScheduler's clip_sample, use_clipped_model_output=False).
+CLIP_RULES = ("rederive", "diffusers")
+
+
+def ddim_step_reference(
+    z, pred, t, t_prev, alphas_cumprod, eta, noise, clip_x0=False, clip_rule="rederive"
+):
     """DDIM (Song et al. 2021) from step t to the earlier step t_prev (-1: the clean image).
 
         x0     = (z_t - sqrt(1 - a_t) pred) / sqrt(a_t)
         sigma  = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev)
-        z_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) pred + sigma eps
+        z_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma noise,  eps = pred
 
-    with a = alphas_cumprod[.] and a_prev = 1 where t_prev < 0; ``clip_x0`` clamps x0 to
-    [-1, 1] before it is used.  eta = 0: deterministic
-    (``noise`` may then be None).
+    with a = alphas_cumprod[.] and a_prev = 1 where t_prev < 0.  ``clip_x0`` clamps x0 to
+    [-1, 1] before it is used; with ``clip_rule="rederive"`` eps is then re-derived from the
+    clamped x0, eps = (z_t - sqrt(a_t) x0_clamped) / sqrt(1 - a_t), computed as
+    pred + sqrt(a_t / (1 - a_t)) (x0 - x0_clamped) (exactly pred where nothing was clamped), so
+    the step is DDIM's update for the clamped denoiser and converges as steps grow; with
+    ``"diffusers"`` the predicted eps is kept, which moves z by sqrt(a_prev) (x0_clamped - x0)
+    at every step whatever its size.  eta = 0: deterministic (``noise`` may then be None).
     """
     cd = _compute_dtype(z)
     ac = alphas_cumprod.to(cd)
@@ -140,11 +221,27 @@ def ddim_step_reference(z, pred, t, t_prev, alphas_cumprod, eta, noise, clip_x0=
     sigma = eta * torch.sqrt((1 - a_prev) / (1 - a_t)) * torch.sqrt(1 - a_t / a_prev)
     dir_coef = torch.sqrt((1 - a_prev - sigma**2).clamp(min=0))
     shape = (-1, *([1] * (z.dim() - 1)))
-    zc, pc = z.to(cd), pred.to(cd)
-    x0 = (zc - torch.sqrt(1 - a_t).view(shape) * pc) / torch.sqrt(a_t).view(shape)
-    if clip_x0:  # as diffusers' DDIMScheduler(clip_sample=True); eps is kept as predicted
-        x0 = x0.clamp(-1.0, 1.0)
-    out = torch.sqrt(a_prev).view(shape) * x0 + dir_coef.view(shape) * pc
+    zc, eps = z.to(cd), pred.to(cd)
+    x0 = (zc - torch.sqrt(1 - a_t).view(shape) * eps) / torch.sqrt(a_t).view(shape)
+    if clip_x0:
+        clamped = x0.clamp(-1.0, 1.0)
+        if clip_rule == "rederive":
+            eps = eps + torch.sqrt(a_t / (1 - a_t)).view(shape) * (x0 - clamped)
+        x0 = clamped
+    out = torch.sqrt(a_prev).view(shape) * x0 + dir_coef.view(shape) * eps
     if noise is not None:  # None: eta = 0, nothing to add
         out = out + sigma.view(shape) * noise.to(cd)
     return _like(out, z)
+
+
+def group_norm_silu_reference(x, num_groups, weight, bias, eps=1e-5, silu=True):
+    """GroupNorm then SiLU, as torch computes them: F.silu(F.group_norm(x, ...)).
+
+    x (N, C, ...) in any layout; weight, bias (C,) or None.  Run in x's dtype exactly as a
+    plain nn.GroupNorm + F.silu would (so the CPU path and autocast behave as before); torch
+    accumulates the statistics in fp32 for fp32/bf16/fp16.  The Triton kernel
+    (kernels.group_norm) matches it within rounding for fp32 and one output rounding for
+    bf16/fp16.
+    """
+    y = torch.nn.functional.group_norm(x, num_groups, weight, bias, eps)
+    return torch.nn.functional.silu(y) if silu else y

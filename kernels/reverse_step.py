@@ -4,6 +4,13 @@
             = (z_t - beta_t / sqrt(1 - alpha_t) * pred) / sqrt(1 - beta_t)
     z_{t-1} = mu + sigma[t] * eps,   eps = 0 where t == 0 (index 0 is the last step)
 
+With CLIP_X0 (improved-diffusion's ``clip_denoised``), mu is the posterior mean at the
+predicted x0 clamped to [-1, 1]:
+
+    x0 = sqrt_recip_ac[t] * z_t - sqrt_recipm1_ac[t] * pred   (= (z_t - sqrt(1 - alpha_t) pred)
+                                                                  / sqrt(alpha_t), no division)
+    mu = mu + coef_x0[t] * (clamp(x0, -1, 1) - x0)      (= c0 clamp(x0) + c1 z_t)
+
 One pass reads z_t and pred and writes z_{t-1}.  t and the seed are read from device memory,
 so a CUDA graph that captured this launch gives fresh, reproducible noise at every replay once
 the caller updates those buffers (or increments them inside the graph).
@@ -15,28 +22,42 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dense, launch, same_layout, sample_block, seed_tensor, standard_normal
+from .common import chunk, chunk_noise, dense, launch, program_sample, same_layout, seed_tensor
 
 
 @triton.jit
 def reverse_step_kernel(
     z_ptr, pred_ptr, noise_ptr, out_ptr, t_ptr, coef_z_ptr, coef_eps_ptr, sigma_ptr, seed_ptr,
+    sqrt_recip_ac_ptr, sqrt_recipm1_ac_ptr, coef_x0_ptr,
     n_per, C, HW, blocks_per_sample,
-    BLOCK: tl.constexpr, CHANNELS_LAST: tl.constexpr, NOISE_FROM_SEED: tl.constexpr,
+    ROWS: tl.constexpr, W: tl.constexpr, NCH: tl.constexpr, LAYOUT: tl.constexpr,
+    FAST_MATH: tl.constexpr, NOISE_FROM_SEED: tl.constexpr, CLIP_X0: tl.constexpr,
 ):  # fmt: skip
-    n, r, mask, base = sample_block(BLOCK, n_per, blocks_per_sample)
+    n, _, _ = program_sample(n_per, blocks_per_sample)
     step = tl.load(t_ptr + n)
     cz = tl.load(coef_z_ptr + step).to(tl.float32)
     ce = tl.load(coef_eps_ptr + step).to(tl.float32)
     sigma = tl.where(step == 0, 0.0, tl.load(sigma_ptr + step).to(tl.float32))
-    z = tl.load(z_ptr + base + r, mask=mask, other=0.0).to(tl.float32)
-    pred = tl.load(pred_ptr + base + r, mask=mask, other=0.0).to(tl.float32)
-    if NOISE_FROM_SEED:
-        eps = standard_normal(seed_ptr, base, r, C, HW, CHANNELS_LAST)
-    else:
-        eps = tl.load(noise_ptr + base + r, mask=mask, other=0.0).to(tl.float32)
-    out = cz * z - ce * pred + sigma * eps
-    tl.store(out_ptr + base + r, out.to(out_ptr.dtype.element_ty), mask=mask)
+    if CLIP_X0:
+        rz = tl.load(sqrt_recip_ac_ptr + step).to(tl.float32)
+        re = tl.load(sqrt_recipm1_ac_ptr + step).to(tl.float32)
+        c0 = tl.load(coef_x0_ptr + step).to(tl.float32)
+    seed = tl.load(seed_ptr)  # once, before any store: the NHWC4 chunks share its Philox calls
+    for s in tl.static_range(NCH):
+        base, offs, mask = chunk(n_per, blocks_per_sample, s, ROWS, W, NCH, LAYOUT)
+        z = tl.load(z_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        pred = tl.load(pred_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        if NOISE_FROM_SEED:
+            eps = chunk_noise(seed, base, offs, C, HW, blocks_per_sample, s,
+                              ROWS, W, NCH, LAYOUT, FAST_MATH)  # fmt: skip
+        else:
+            eps = tl.load(noise_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        mu = cz * z - ce * pred
+        if CLIP_X0:
+            x0 = rz * z - re * pred
+            mu = mu + c0 * (tl.minimum(tl.maximum(x0, -1.0), 1.0) - x0)
+        out = mu + sigma * eps
+        tl.store(out_ptr + base + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def reverse_step_triton(
@@ -49,11 +70,14 @@ def reverse_step_triton(
     noise: torch.Tensor | None = None,
     seed=None,
     out: torch.Tensor | None = None,
+    clip: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """z_{t-1} for z, pred (B, ...), t (B,) int, tables (T,) fp32; exactly one of noise / seed.
 
     Result has z's dtype and layout; ``out`` (same shape/dtype/layout as z) may be given to
-    write in place, e.g. a static CUDA-graph buffer (``out`` may alias ``z``).
+    write in place, e.g. a static CUDA-graph buffer (``out`` may alias ``z``).  ``clip`` =
+    (sqrt_recip_alphas_cumprod, sqrt_recipm1_alphas_cumprod, posterior_mean_coef_x0) tables,
+    fp32 (T,), turns on x0 clipping.
     """
     z = dense(z)
     if out is None:
@@ -61,6 +85,7 @@ def reverse_step_triton(
     launch(
         reverse_step_kernel,
         z,
+        seeded=noise is None,
         z_ptr=z,
         pred_ptr=same_layout(pred, z),
         noise_ptr=same_layout(noise, z) if noise is not None else z,
@@ -70,6 +95,10 @@ def reverse_step_triton(
         coef_eps_ptr=coef_eps,
         sigma_ptr=sigma,
         seed_ptr=seed_tensor(0 if seed is None else seed, z.device),
+        sqrt_recip_ac_ptr=clip[0] if clip is not None else coef_z,  # unread without CLIP_X0
+        sqrt_recipm1_ac_ptr=clip[1] if clip is not None else coef_z,
+        coef_x0_ptr=clip[2] if clip is not None else coef_z,
         NOISE_FROM_SEED=noise is None,
+        CLIP_X0=clip is not None,
     )
     return out

@@ -3,9 +3,16 @@
 Run as a script, in a process where TRITON_INTERPRET is unset (under the interpreter,
 @triton.jit functions cannot be compiled).  ``tests/test_kernels_compile.py`` runs it once and
 checks the report.  ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cap, 32))``
-lowers a kernel through TTIR/TTGIR/LLVM to PTX and a cubin with no GPU present.  The attributes
-mark pointers and n_per as 16-divisible, as Triton's launcher specialises them for aligned
-tensors, so the PTX shows whether global loads are vectorised.
+lowers a kernel through TTIR/TTGIR/LLVM to PTX and a cubin with no GPU present.  Pointers and
+n_per are marked 16-divisible, as Triton's launcher specialises them for aligned tensors, so
+the PTX shows whether global loads are vectorised.
+
+Each case takes its constexprs (tile layout, ROWS, W, NCH, num_warps) from the launchers' own
+``layout_args`` for a representative tensor, so what compiles here is what a GPU launches.
+The report also counts, per thread, the Philox calls (``mul.hi.u32`` in the PTX divided by
+the count of one call, measured on a probe kernel) and the elements handled, and lists the
+approximate-math and libdevice instructions the noise uses (kernels.reference.noise_bound is
+derived for exactly those).  ``python tests/aot_compile.py --quick`` compiles sm_90 only.
 """
 
 import itertools
@@ -20,78 +27,76 @@ from pathlib import Path
 
 assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "unset TRITON_INTERPRET"
 
+import torch  # noqa: E402
 import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from fastdiff.kernels import common, group_norm  # noqa: E402
 from fastdiff.kernels.noise_loss import noise_loss_bwd_kernel, noise_loss_fwd_kernel  # noqa: E402
 from fastdiff.kernels.q_sample import q_sample_kernel  # noqa: E402
 from fastdiff.kernels.reverse_step import reverse_step_kernel  # noqa: E402
 
-DTYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ARCHS = (80, 90)
-SCALARS = {"n_per": "i32", "C": "i32", "HW": "i32", "blocks_per_sample": "i32"}
-CONSTEXPRS = ("BLOCK", "CHANNELS_LAST", "NOISE_FROM_SEED")
-# Pointer arguments: "img" takes the image dtype; the rest are fixed.
-KERNELS = {
-    "q_sample": (
-        q_sample_kernel,
-        {
-            "x_ptr": "img",
-            "noise_ptr": "img",
-            "out_ptr": "img",
-            "t_ptr": "*i64",
-            "sqrt_ac_ptr": "*fp32",
-            "sqrt_1m_ac_ptr": "*fp32",
-            "seed_ptr": "*i64",
-        },
-    ),
-    "noise_loss_fwd": (
-        noise_loss_fwd_kernel,
-        {"pred_ptr": "img", "noise_ptr": "img", "partial_ptr": "*fp32", "seed_ptr": "*i64"},
-    ),
-    "noise_loss_bwd": (
-        noise_loss_bwd_kernel,
-        {
-            "pred_ptr": "img",
-            "noise_ptr": "img",
-            "grad_ptr": "img",
-            "scale_ptr": "*fp32",
-            "seed_ptr": "*i64",
-        },
-    ),
-    "reverse_step": (
-        reverse_step_kernel,
-        {
-            "z_ptr": "img",
-            "pred_ptr": "img",
-            "noise_ptr": "img",
-            "out_ptr": "img",
-            "t_ptr": "*i64",
-            "coef_z_ptr": "*fp32",
-            "coef_eps_ptr": "*fp32",
-            "sigma_ptr": "*fp32",
-            "seed_ptr": "*i64",
-        },
-    ),
+#: Pointer arguments that hold image-like data (the case's dtype); t and seed are int64;
+#: every other pointer is an fp32 table or buffer.
+IMAGE_POINTERS = {
+    "x_ptr",
+    "noise_ptr",
+    "out_ptr",
+    "z_ptr",
+    "pred_ptr",
+    "grad_ptr",
+    "dout_ptr",
+    "dx_ptr",
 }
+INT64_POINTERS = {"t_ptr", "seed_ptr"}
+NOISE_KERNELS = {
+    "q_sample": q_sample_kernel,
+    "noise_loss_fwd": noise_loss_fwd_kernel,
+    "noise_loss_bwd": noise_loss_bwd_kernel,
+    "reverse_step": reverse_step_kernel,
+}
+#: (name, shape, channels_last, seeded, archs): one per tile layout of kernels.common; the
+#: rarely taken layouts compile for sm_90 only (compile time), the hot ones for both.
+NOISE_CASES = (
+    ("flat4", (64, 3, 256, 256), False, True, ARCHS),
+    ("nhwc4", (64, 3, 256, 256), True, True, ARCHS),
+    ("generic_nchw", (8, 3, 17, 13), False, True, (90,)),
+    ("generic_nhwc", (8, 3, 17, 13), True, True, (90,)),
+    ("explicit_noise", (64, 3, 256, 256), True, False, ARCHS),
+)
+APPROX = re.compile(r"\b(?:lg2|ex2|sin|cos|sqrt|rsqrt|rcp|div|tanh)\.(?:approx|full|rn)[.\w]*")
 
 
-def compile_kernel(name, dtype, cap, channels_last, from_seed, block=1024):
-    fn, pointers = KERNELS[name]
-    signature = {k: (DTYPES[dtype] if v == "img" else v) for k, v in pointers.items()}
-    signature.update(SCALARS)
-    signature.update(dict.fromkeys(CONSTEXPRS, "constexpr"))
-    if list(signature) != fn.arg_names:
-        raise AssertionError(f"{name}: signature here {list(signature)} != {fn.arg_names}")
-    aligned = [i for i, a in enumerate(fn.arg_names) if a.endswith("_ptr") or a == "n_per"]
-    src = ASTSource(
-        fn=fn,
-        signature=signature,
-        constexprs={"BLOCK": block, "CHANNELS_LAST": channels_last, "NOISE_FROM_SEED": from_seed},
-        attrs={(i,): [["tt.divisibility", 16]] for i in aligned},
-    )
-    return triton.compile(src, target=GPUTarget("cuda", cap, 32))
+def signature_of(fn, dtype: torch.dtype, constexprs: dict, scalar_types: dict | None = None):
+    """Triton signature for ``fn``: pointer types by argument name, i32 scalars, constexprs."""
+    ptr = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in IMAGE_POINTERS:
+            sig[name] = ptr
+        elif name in INT64_POINTERS:
+            sig[name] = "*i64"
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32"
+        else:
+            sig[name] = (scalar_types or {}).get(name, "i32")
+    return sig
+
+
+def compile_fn(fn, signature: dict, constexprs: dict, cap: int, num_warps: int, aligned=()):
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, a in enumerate(fn.arg_names)
+        if a.endswith("_ptr") or a in aligned
+    }
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": num_warps})
 
 
 def resource_usage(cubin: bytes) -> dict:
@@ -110,25 +115,86 @@ def resource_usage(cubin: bytes) -> dict:
     return {k.lower(): int(m.group(1)) for k, m in found.items() if m}
 
 
-def main() -> None:
-    report = []
-    for name, dtype, cap, cl, seeded in itertools.product(
-        KERNELS, DTYPES, ARCHS, (False, True), (False, True)
+def describe(compiled, cap: int) -> dict:
+    ptx = compiled.asm["ptx"]
+    return {
+        "cubin_bytes": len(compiled.asm["cubin"]),
+        "target_ok": f".target sm_{cap}" in ptx,
+        "load_vector_bytes": max(
+            [int(v) * int(b) // 8 for v, b in re.findall(r"ld\.global[.\w]*?\.v(\d)\.b(\d+)", ptx)]
+            or [0]
+        ),
+        "mulhi": ptx.count("mul.hi.u32"),
+        "lg2": ptx.count("lg2.approx"),
+        "math": sorted(set(APPROX.findall(ptx))),
+        "calls": sorted(
+            set(re.findall(r"^\s*call(?:\.uni)?\s+(?:\([^)]*\),\s*)?(\w+)", ptx, re.M))
+        ),
+        **resource_usage(compiled.asm["cubin"]),
+    }
+
+
+@triton.jit
+def _one_philox_call_per_thread(out_ptr, seed_ptr, FAST_MATH: tl.constexpr):
+    g = tl.program_id(0) * 128 + tl.arange(0, 128)
+    z0, z1, z2, z3 = common.normal4(tl.load(seed_ptr), g.to(tl.int64), FAST_MATH)
+    tl.store(out_ptr + g, z0 + z1 + z2 + z3)
+
+
+def philox_probe(cap: int) -> dict:
+    """PTX of one Philox call + two Box-Muller pairs per thread (128 threads, 128 counters)."""
+    fn = _one_philox_call_per_thread
+    sig = {"out_ptr": "*fp32", "seed_ptr": "*i64", "FAST_MATH": "constexpr"}
+    return describe(compile_fn(fn, sig, {"FAST_MATH": True}, cap, num_warps=4), cap)
+
+
+def noise_cases(archs):
+    for (name, fn), dtype, cap, case in itertools.product(
+        NOISE_KERNELS.items(), DTYPES, archs, NOISE_CASES
     ):
-        case = {"kernel": name, "dtype": dtype, "sm": cap, "channels_last": cl, "seeded": seeded}
+        tile, shape, cl, seeded, case_archs = case
+        if cap not in case_archs:
+            continue
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        like = torch.empty(shape, dtype=DTYPES[dtype], device="meta", memory_format=fmt)
+        args = common.layout_args(like, seeded=seeded)
+        args.pop("grid")
+        warps = args.pop("num_warps")
+        constexprs = {k: v for k, v in args.items() if k.isupper()}
+        constexprs["NOISE_FROM_SEED"] = seeded
+        if "CLIP_X0" in fn.arg_names:
+            constexprs["CLIP_X0"] = False
+        threads = 32 * warps
+        elems = args["ROWS"] * args["W"] * args["NCH"] / threads
+        report = {"kernel": name, "dtype": dtype, "sm": cap, "tile": tile, "seeded": seeded,
+                  "num_warps": warps, "elems_per_thread": elems}  # fmt: skip
+        # Triton's launcher marks n_per 16-divisible only when it is.
+        aligned = ("n_per",) if args["n_per"] % 16 == 0 else ()
+        yield report, fn, DTYPES[dtype], constexprs, cap, warps, None, aligned
+        if "CLIP_X0" in fn.arg_names and tile in ("flat4", "nhwc4"):  # DDPM's x0 clipping
+            clip = {**constexprs, "CLIP_X0": True}
+            yield {**report, "clip_x0": True}, fn, DTYPES[dtype], clip, cap, warps, None, aligned
+
+
+def main() -> None:
+    archs = (90,) if "--quick" in sys.argv else ARCHS
+    report = [{"probe": "philox_call", "sm": cap, **philox_probe(cap)} for cap in archs]
+    cases = list(noise_cases(archs))
+    for name, dtype, cap in itertools.product(group_norm.GROUP_NORM_KERNELS, DTYPES, archs):
+        case = group_norm.aot_case(name, DTYPES[dtype])
+        if case is not None:
+            fn, constexprs, warps, scalars = case
+            info = {"kernel": name, "dtype": dtype, "sm": cap, "num_warps": warps}
+            cases.append((info, fn, DTYPES[dtype], constexprs, cap, warps, scalars, ("C",)))
+    for info, fn, dtype, constexprs, cap, warps, scalars, aligned in cases:
         try:
-            compiled = compile_kernel(name, dtype, cap, cl, seeded)
+            sig = signature_of(fn, dtype, constexprs, scalars)
+            compiled = compile_fn(fn, sig, constexprs, cap, warps, aligned)
         except Exception as exc:  # reported, and failed, by the test
-            case["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+            info["error"] = f"{type(exc).__name__}: {exc}"[:2000]
         else:
-            ptx = compiled.asm["ptx"]
-            case.update(
-                cubin_bytes=len(compiled.asm["cubin"]),
-                target_ok=f".target sm_{cap}" in ptx,
-                vector_loads="ld.global.v4" in ptx,
-                **resource_usage(compiled.asm["cubin"]),
-            )
-        report.append(case)
+            info.update(describe(compiled, cap))
+        report.append(info)
     json.dump(report, sys.stdout)
 
 

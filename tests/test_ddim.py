@@ -2,11 +2,12 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
-from test_sampling import gaussian_diffusion
+from test_sampling import GaussianOptimalDenoiser, gaussian_diffusion
 
-from fastdiff import NoiseSchedule, ops
+from fastdiff import Diffusion, NoiseSchedule, ops
 from fastdiff.sampling import sampling_timesteps
 
 S = NoiseSchedule.linear(1000)
@@ -108,8 +109,198 @@ def test_clip_x0_clamps_the_prediction():
     pred = torch.zeros_like(z)  # x0 = z / sqrt(a_t) > 1
     t, t_prev = torch.tensor([10]), torch.tensor([-1])
     assert float(ops.ddim_step(z, pred, t, t_prev, S, seed=0).min()) > 3.0
-    torch.testing.assert_close(
-        ops.ddim_step(z, pred, t, t_prev, S, seed=0, clip_x0=True), torch.ones_like(z)
+    for rule in ops.CLIP_RULES:  # the last step returns x0 itself: clamped by either rule
+        torch.testing.assert_close(
+            ops.ddim_step(z, pred, t, t_prev, S, seed=0, clip_x0=True, clip_rule=rule),
+            torch.ones_like(z),
+        )
+
+
+def test_clip_rules_in_closed_form():
+    """One step with a clamped x0, against the two formulas written out."""
+    z = torch.tensor([3.0, -0.5, 0.2, -2.5], dtype=torch.float64).view(4, 1, 1, 1)
+    pred = torch.tensor([0.1, -0.3, 0.9, 0.0], dtype=torch.float64).view(4, 1, 1, 1)
+    t, t_prev = torch.tensor([300, 300, 600, 20]), torch.tensor([200, 100, 400, 0])
+    a = S.alphas_cumprod[t].view(-1, 1, 1, 1)
+    a_prev = S.alphas_cumprod[t_prev].view(-1, 1, 1, 1)
+    x0 = ((z - torch.sqrt(1 - a) * pred) / torch.sqrt(a)).clamp(-1, 1)
+    eps = (z - torch.sqrt(a) * x0) / torch.sqrt(1 - a)
+    want = {
+        "rederive": torch.sqrt(a_prev) * x0 + torch.sqrt(1 - a_prev) * eps,
+        "diffusers": torch.sqrt(a_prev) * x0 + torch.sqrt(1 - a_prev) * pred,
+    }
+    for rule, expected in want.items():
+        got = ops.ddim_step(z, pred, t, t_prev, S, seed=0, clip_x0=True, clip_rule=rule)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    # Rows whose x0 is inside [-1, 1] (the second) are untouched by clipping, bit for bit.
+    plain = ops.ddim_step(z, pred, t, t_prev, S, seed=0)
+    got = ops.ddim_step(z, pred, t, t_prev, S, seed=0, clip_x0=True)
+    assert torch.equal(got[1], plain[1]) and not torch.allclose(got[0], plain[0])
+
+
+def test_eta_one_clipped_step_is_ddpm_with_clipped_posterior_mean():
+    """eta = 1 with the re-derived eps is the DDPM step with improved-diffusion's
+    clip_denoised and the posterior variance; the diffusers rule is not."""
+    gen = torch.Generator().manual_seed(0)
+    z = 2 * torch.randn(6, 1, 4, 4, dtype=torch.float64, generator=gen)
+    pred, noise = torch.randn(2, 6, 1, 4, 4, dtype=torch.float64, generator=gen)
+    t = torch.tensor([999, 700, 300, 50, 5, 1])
+    ddpm = ops.reverse_step(z, pred, t, S, noise, variance="posterior", clip_x0=True)
+    ddim = ops.ddim_step(z, pred, t, t - 1, S, noise, eta=1.0, clip_x0=True)
+    torch.testing.assert_close(ddim, ddpm, rtol=1e-9, atol=1e-9)
+    diffusers = ops.ddim_step(
+        z, pred, t, t - 1, S, noise, eta=1.0, clip_x0=True, clip_rule="diffusers"
     )
-    with pytest.raises(ValueError, match="clip_x0"):
-        gaussian_diffusion(0.0, 1.0, T=20).sample(2, clip_x0=True)
+    assert not torch.allclose(diffusers, ddpm, rtol=1e-3, atol=1e-3)
+
+
+class ShrunkGaussianDenoiser(GaussianOptimalDenoiser):
+    """The optimal eps-predictor for N(m, s^2) data, scaled by ``k`` (< 1: it under-predicts
+    the noise, as a not fully trained network does).  Its x0 = (z - sqrt(1 - a) eps) / sqrt(a)
+    then overshoots [-1, 1] at high noise, by (1 - k) sqrt((1 - a) / a) |eps|, so clipping is
+    active on most of the trajectory while the data lie well inside [-1, 1]."""
+
+    def __init__(self, schedule, mean, std, k):
+        super().__init__(schedule, mean, std)
+        self.k = k
+
+    def forward(self, z, t):
+        return self.k * super().forward(z, t)
+
+
+def test_rederived_eps_converges_as_steps_grow_and_the_diffusers_rule_drifts():
+    """Deterministic DDIM with clipping, 50 / 250 / 1000 steps from the same z_T.
+
+    Re-deriving eps from the clamped x0 makes DDIM a first-order discretisation of the ODE of
+    the clamped denoiser: the distance to the 1000-step result falls ~5x from 50 to 250 steps.
+    Keeping the model's eps moves z by sqrt(a_prev) (x0_clamped - x0) at every step whatever
+    its size, so more steps move it further: the spread of the samples collapses."""
+    mean, std = 0.3, 0.3
+    model = ShrunkGaussianDenoiser(S, mean, std, k=0.98)
+    d = Diffusion(model, S, (1, 4, 4), config={"precision": "fp32"})
+    z = torch.randn(4096, 1, 1, 1, generator=torch.Generator().manual_seed(0))
+    t = torch.full((4096,), S.T - 1)
+    a = S.alphas_cumprod[-1].float()
+    x0 = (z - torch.sqrt(1 - a) * model(z, t)) / torch.sqrt(a)
+    assert float((x0.abs() > 1).float().mean()) > 0.5  # clipping is active at the first step
+
+    def run(steps, **kw):
+        kw.setdefault("clip_x0", True)
+        return d.sample(64, seed=0, sampler="ddim", steps=steps, **kw).double()
+
+    def gap(rule, steps):
+        return float((run(steps, clip_rule=rule) - run(1000, clip_rule=rule)).abs().mean())
+
+    rederive_50, rederive_250 = gap("rederive", 50), gap("rederive", 250)
+    diffusers_250 = gap("diffusers", 250)
+    assert rederive_250 < rederive_50 / 3  # first order: ~1/5
+    assert diffusers_250 > 5 * rederive_250
+    # The limits: re-derive stays near the unclipped ODE (data std 0.3); diffusers collapses.
+    std_rederive = float(run(1000, clip_rule="rederive").std())
+    std_unclipped = float(run(1000, clip_x0=False).std())
+    std_diffusers = float(run(1000, clip_rule="diffusers").std())
+    assert std_rederive == pytest.approx(std_unclipped, rel=0.05)
+    assert std_rederive == pytest.approx(std, rel=0.15)  # k = 0.98 widens it a little (~0.33)
+    assert std_diffusers < 0.75 * std_rederive
+
+
+def test_ddim_and_ddpm_default_clipping():
+    """ddim clips (re-derive) by default; ddpm does not, unless asked."""
+    model = ShrunkGaussianDenoiser(S.to("cpu"), 0.3, 0.3, k=0.98)
+    d = Diffusion(model, NoiseSchedule.linear(1000), (1, 4, 4), config={"precision": "fp32"})
+    ddim = d.sample(8, seed=2, sampler="ddim", steps=20)
+    assert torch.equal(ddim, d.sample(8, seed=2, sampler="ddim", steps=20, clip_x0=True))
+    assert not torch.equal(ddim, d.sample(8, seed=2, sampler="ddim", steps=20, clip_x0=False))
+    assert not torch.equal(
+        ddim, d.sample(8, seed=2, sampler="ddim", steps=20, clip_rule="diffusers")
+    )
+    ddpm = d.sample(8, seed=2)
+    assert torch.equal(ddpm, d.sample(8, seed=2, clip_x0=False))
+    assert not torch.equal(ddpm, d.sample(8, seed=2, clip_x0=True))
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda z, t: ops.ddim_step(z, z, t, t - 1, S, seed=0, clip_x0=True, clip_rule="clamp"),
+        lambda z, t: ops.ddim_step(z, z, t, t - 1, S, seed=0, clip_rule=None),
+        lambda z, t: gaussian_diffusion(0.0, 1.0, T=20).sample(
+            2, sampler="ddim", clip_rule="Diffusers"
+        ),
+    ],
+)
+def test_bad_clip_rule(call):
+    with pytest.raises(ValueError, match="clip_rule"):
+        call(torch.zeros(2, 1, 2, 2), torch.tensor([10, 20]))
+
+
+def test_bad_clip_x0():
+    with pytest.raises(TypeError, match="clip_x0"):
+        gaussian_diffusion(0.0, 1.0, T=20).sample(2, clip_x0="yes")
+    z, t = torch.zeros(2, 1, 2, 2), torch.tensor([10, 20])
+    with pytest.raises(TypeError, match="clip_x0"):
+        ops.reverse_step(z, z, t, S, seed=0, clip_x0=1)
+
+
+def test_cli_sample_clip_flags(tmp_path, monkeypatch, capsys):
+    """`fastdiff sample --clip/--no-clip/--clip-rule` give what sample() gives."""
+    import fastdiff.diffusion
+    from fastdiff.cli import main
+    from fastdiff.images import to_uint8
+
+    d = Diffusion(
+        ShrunkGaussianDenoiser(S, 0.3, 0.3, k=0.9), S, (1, 4, 4), config={"precision": "fp32"}
+    )
+    monkeypatch.setattr(fastdiff.diffusion, "load", lambda path, device=None: d)
+    cases = [
+        (["--sampler", "ddim", "--steps", "20"], dict(sampler="ddim", steps=20)),
+        (
+            ["--sampler", "ddim", "--steps", "20", "--clip-rule", "diffusers"],
+            dict(sampler="ddim", steps=20, clip_rule="diffusers"),
+        ),
+        (
+            ["--sampler", "ddim", "--steps", "20", "--no-clip"],
+            dict(sampler="ddim", steps=20, clip_x0=False),
+        ),
+        ([], dict()),
+        (["--clip"], dict(clip_x0=True)),
+    ]
+    results = []
+    for flags, kwargs in cases:
+        out = tmp_path / "x.npz"
+        assert main(["sample", "ckpt", "-n", "4", "--out", str(out), "--no-progress", *flags]) == 0
+        got = torch.from_numpy(np.load(out)["images"])
+        assert torch.equal(got, to_uint8(d.sample(4, seed=0, **kwargs))), flags
+        results.append(got)
+    # Each flag mattered: rederive != diffusers != no clip; ddpm clip on != off.
+    assert not torch.equal(results[0], results[1]) and not torch.equal(results[0], results[2])
+    assert not torch.equal(results[3], results[4])
+    for bad in (["--clip-rule", "clamp"], ["--clip", "--no-clip"]):
+        with pytest.raises(SystemExit):
+            main(["sample", "ckpt", *bad])
+    capsys.readouterr()
+
+
+def test_training_grid_sampler(tmp_path):
+    """train(sample_sampler="ddim", sample_steps=k) draws its final grid with that sampler;
+    bad grid settings fail before any training step."""
+    from PIL import Image
+
+    from fastdiff import save_image_grid, train
+
+    data = torch.rand(8, 1, 8, 8) * 2 - 1
+    kw = dict(preset="tiny", batch_size=4, T=20, device="cpu", progress=False, n_samples=4)
+    d = train(data, steps=2, out_dir=tmp_path / "run", sample_sampler="ddim", sample_steps=5, **kw)
+    save_image_grid(d.sample(4, seed=0, sampler="ddim", steps=5), tmp_path / "want.png", scale=8)
+    got = np.asarray(Image.open(tmp_path / "run" / "samples.png"))
+    assert np.array_equal(got, np.asarray(Image.open(tmp_path / "want.png")))
+    save_image_grid(d.sample(4, seed=0), tmp_path / "ddpm.png", scale=8)
+    assert not np.array_equal(got, np.asarray(Image.open(tmp_path / "ddpm.png")))
+    for bad, match in [
+        (dict(sample_sampler="euler"), "sample_sampler"),
+        (dict(sample_sampler="ddim", sample_steps=21), "sample_steps"),
+        (dict(sample_steps=5), "sample_steps"),  # ddpm runs all T steps
+    ]:
+        with pytest.raises(ValueError, match=match):
+            train(data, steps=2, out_dir=tmp_path / "bad", **bad, **kw)
+        assert not (tmp_path / "bad" / "checkpoints").exists()

@@ -13,6 +13,7 @@ import torch
 from helpers import DEVICE, SHAPES, TOLERANCE, is_layout, with_layout
 
 from fastdiff import NoiseSchedule, ops
+from fastdiff.kernels import reference as ref
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 LAYOUTS = ["contiguous", "channels_last"]
@@ -69,17 +70,45 @@ def test_reverse_step_explicit_noise(monkeypatch, shape, dtype, layout, variance
     torch.testing.assert_close(got, want, **TOLERANCE[dtype])
 
 
+def noise_slack(seed, like, coef):
+    """How far a seeded result may move because of the noise alone: 0 under the interpreter
+    (bit-identical to the numpy twin), coef * noise_bound(R) for compiled CUDA kernels."""
+    if DEVICE.type == "cpu":
+        return torch.zeros(like.shape, device=DEVICE)
+    _, radius = ref.philox_normal(seed, like.shape, device=DEVICE, with_radius=True)
+    return coef * ref.noise_bound(radius)
+
+
+def loss_slack(seed, pred):
+    """noise_slack of mean((pred - eps)^2): mean(2 |pred - eps| |d eps|)."""
+    eps = ref.philox_normal(seed, pred.shape, device=DEVICE)
+    return float((2 * (pred.float() - eps).abs() * noise_slack(seed, pred, 1.0)).mean())
+
+
+def assert_close_within(got, want, slack, dtype, tol=None):
+    """|got - want| <= slack + the dtype's rounding tolerance (helpers.TOLERANCE)."""
+    tol = tol or TOLERANCE[dtype]
+    want = want.float()
+    allowed = slack + tol["atol"] + tol["rtol"] * want.abs()
+    excess = float(((got.float() - want).abs() - allowed).max())
+    assert excess <= 0.0, excess
+
+
+# Shapes for every noise tile: odd sizes (GENERIC), H*W % 4 == 0 (FLAT4 / NHWC4).
+@pytest.mark.parametrize("shape", [(3, 3, 7, 5), (2, 3, 4, 6)])
 @pytest.mark.parametrize("dtype,layout", list(itertools.product(DTYPES, LAYOUTS)))
-def test_seeded_ops_match_reference_philox(monkeypatch, dtype, layout):
-    """In-kernel Philox noise equals the reference's torch Philox (up to log/cos rounding)."""
-    (x, pred), t = inputs((3, 3, 7, 5), dtype, layout)
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else TOLERANCE[dtype]
+def test_seeded_ops_match_reference_philox(monkeypatch, shape, dtype, layout):
+    """Seeded ops on both backends: the in-kernel noise is the reference's numpy Philox
+    (exactly under the interpreter, within noise_bound compiled; see kernels.common)."""
+    (x, pred), t = inputs(shape, dtype, layout)
+    b = SCHEDULE.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1)
     got, want = both_backends(monkeypatch, lambda: ops.q_sample(x, t, SCHEDULE, seed=1234))
-    torch.testing.assert_close(got, want, **tol)
+    assert_close_within(got, want, noise_slack(1234, x, b), dtype)
+    sigma = torch.where(t == 0, 0.0, SCHEDULE.sigma_beta[t]).view(-1, 1, 1, 1)
     got, want = both_backends(monkeypatch, lambda: ops.reverse_step(x, pred, t, SCHEDULE, seed=99))
-    torch.testing.assert_close(got, want, **tol)
+    assert_close_within(got, want, noise_slack(99, x, sigma), dtype)
     got, want = both_backends(monkeypatch, lambda: ops.noise_loss(pred, t, seed=5))
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 + loss_slack(5, pred))
 
 
 def test_mixed_layouts_and_dtypes(monkeypatch):
@@ -113,10 +142,18 @@ def test_gradients_match_reference_autograd(monkeypatch, layout):
         loss.backward()
         return xs.grad, ps.grad
 
+    # Seeded, the noise moves d(z^2)/dx = 2 a z by 2 a b d eps and d loss / d pred by
+    # scale d eps (noise_slack; zero under the interpreter).
+    a = SCHEDULE.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1)
+    b = SCHEDULE.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1)
+    scale = (2 * weights / pred.numel()).view(-1, 1, 1, 1)
+    tol = dict(rtol=1e-5, atol=1e-6)
     for seeded in (False, True):
         got, want = both_backends(monkeypatch, lambda: grads(seeded))  # noqa: B023
-        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+        slack_x = noise_slack(11, x, 2 * a * b) if seeded else 0.0
+        slack_pred = noise_slack(11, pred, scale) if seeded else 0.0
+        assert_close_within(got[0], want[0], slack_x, torch.float32, tol)
+        assert_close_within(got[1], want[1], slack_pred, torch.float32, tol)
         assert is_layout(got[1], layout)
 
 
@@ -195,4 +232,4 @@ def test_every_batch_size_1_to_9(monkeypatch, batch):
     got, want = both_backends(monkeypatch, lambda: ops.reverse_step(x, pred, t, SCHEDULE, noise))
     torch.testing.assert_close(got, want, **tol)
     got, want = both_backends(monkeypatch, lambda: ops.noise_loss(pred, t, seed=batch))
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 + loss_slack(batch, pred))

@@ -66,7 +66,14 @@ def test_sampling_through_triton_kernels_matches_reference(monkeypatch):
     want = d.sample(3, seed=1)
     monkeypatch.setenv("FASTDIFF_BACKEND", "triton")
     got = d.sample(3, seed=1)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # Compiled (CUDA) noise may differ from the reference's by noise_bound per element and
+    # step (kernels.common); this denoiser contracts z, so T steps add at most
+    # sum_t sigma_t * max_R noise_bound(R).  The interpreter's noise is the reference's.
+    from fastdiff.kernels.reference import noise_bound
+
+    worst = float(noise_bound(torch.zeros(1)))  # the bound's maximum, at R -> 0
+    slack = 0.0 if DEVICE.type == "cpu" else float(d.schedule.sigma_beta.sum()) * worst
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 + slack)
 
 
 @pytest.mark.parametrize(
@@ -96,10 +103,13 @@ def test_save_and_load_round_trip(tmp_path):
         progress=False,
     )
     d.save(tmp_path / "model")
-    loaded = fastdiff.load(tmp_path / "model")
+    # device="cpu": same seed, same images holds on one device and backend (on a GPU machine
+    # load() would otherwise put the model on CUDA).
+    loaded = fastdiff.load(tmp_path / "model", device="cpu")
     assert loaded.image_shape == (1, 8, 8) and loaded.schedule.T == 20
     torch.testing.assert_close(loaded.sample(2, seed=3), d.sample(2, seed=3))
-    assert torch.equal(fastdiff.sample(tmp_path / "model", 2, seed=3), loaded.sample(2, seed=3))
+    from_path = fastdiff.sample(tmp_path / "model", 2, seed=3, device="cpu")
+    assert torch.equal(from_path, loaded.sample(2, seed=3))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")

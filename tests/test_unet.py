@@ -153,6 +153,32 @@ def test_timestep_embedding():
     assert timestep_embedding(torch.tensor([3]), 7).shape == (1, 7)
 
 
+def test_timestep_embedding_conventions():
+    t = torch.tensor([0, 3, 999])
+    default = timestep_embedding(t, 16)
+    flipped = timestep_embedding(t, 16, flip_sin_to_cos=True)
+    torch.testing.assert_close(
+        flipped, torch.cat([default[:, 8:], default[:, :8]], dim=1), rtol=0, atol=0
+    )
+    shifted = timestep_embedding(t, 16, freq_shift=0)  # f_i = 10000^(-i / 8)
+    torch.testing.assert_close(shifted[1, 7], torch.sin(3 * torch.tensor(10000.0) ** (-7 / 8)))
+    torch.testing.assert_close(default[1, 7], torch.sin(torch.tensor(3 / 10000.0)))
+
+
+def test_convention_options():
+    model = UNet.preset("tiny", norm_eps=1e-6, downsample_padding=0)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.eps == 1e-6 for m in norms)
+    down = model.down[0].downsample
+    x = torch.randn(2, 16, 8, 8)
+    # padding 0: one zero column/row on the right/bottom only (TensorFlow "SAME", stride 2).
+    want = torch.nn.functional.conv2d(
+        torch.nn.functional.pad(x, (0, 1, 0, 1)), down.conv.weight, down.conv.bias, stride=2
+    )
+    torch.testing.assert_close(down(x), want, rtol=0, atol=0)
+    assert UNet(**model.config).config == model.config
+
+
 def test_cifar10_parameter_count_and_config_round_trip():
     with torch.device("meta"):
         model = UNet.preset("cifar10")
@@ -224,6 +250,10 @@ def test_bad_forward_inputs_raise(z, t, match):
         (dict(attention_resolutions=(5,)), "attention_resolutions"),
         (dict(num_heads=3), "num_heads"),
         (dict(in_channels=1.5), "in_channels"),
+        (dict(norm_eps=0.0), "norm_eps"),
+        (dict(downsample_padding=2), "downsample_padding"),
+        (dict(flip_sin_to_cos=1), "flip_sin_to_cos"),
+        (dict(freq_shift=2), "freq_shift"),
     ],
 )
 def test_bad_constructor_args_raise(overrides, match):

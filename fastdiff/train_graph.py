@@ -1,0 +1,279 @@
+"""The whole training step as one CUDA graph: captured once, replayed once per step.
+
+A replayed graph re-runs recorded kernels on fixed memory; it cannot read a Python number
+that changes per step.  So every per-step value lives in device memory and the step advances
+it itself, from a device step counter k:
+
+    x       = data[perm[pos : pos + B]], pos += B   in-memory data: the epoch's permutation
+                                                    and the position are device tensors
+            = the static input buffer               streamed data: the next batch is copied
+                                                    into it before the replay
+    t       ~ U{0..T-1}                             the run's t generator, registered with
+                                                    the graph (replays advance its offset)
+    seed_k  = seed * 2**32 + k * world + rank       training.step_seed
+    lr_k    = lr * min(1, (k + 1) / warmup_steps)   written into the optimizer's lr tensor
+    decay_k = min(ema_decay, (1 + k) / (10 + k))    EMA.decay_at
+    losses[k % log_every] = loss;  k += 1
+
+The rest is the eager step (training._Run.train_step): q_sample, forward under autocast,
+noise_loss, backward, the GradScaler (scale, inf check and scale update all stay on the
+device), clip_grad_norm_ (the total norm and the clamped coefficient are device tensors),
+fused capturable AdamW (reads lr, grad scale and found_inf from device memory), EMA.  Nothing
+in the step synchronises with the host, and a replay allocates nothing: the graph owns its
+memory, gradients included (they stay allocated between replays; backward writes them).
+
+Life cycle (:class:`GraphStep`): ``WARMUP_STEPS`` real training steps run the same step
+function eagerly on a side stream (Triton compilation, AdamW state, the scale tensor,
+cuBLAS/cuDNN set-up), the last of them followed by the capture; every later step is one
+replay.  Data order, t and noise are those of the eager step, so graph and eager runs see the
+same batches, steps and noise; they differ only in rounding (lr in fp32, the EMA update as
+sub/mul/add instead of lerp).  Resume is exact: the counter is set from the checkpoint's step,
+the generators' states and the data position are the eager run's.
+
+On other devices the same step function runs eagerly; training there uses the eager step
+(``fastdiff.train`` builds a GraphStep only on CUDA), the CPU tests run this one against it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+from . import ops
+from .data import InMemoryBatches
+from .precision import memory_format
+from .profiling import phase
+
+logger = logging.getLogger("fastdiff")
+
+#: Eager runs of the step function before the capture (each one a real training step).
+WARMUP_STEPS = 3
+
+
+# -- the per-step values as functions of the device step counter ------------------------------
+
+
+def lr_schedule(step: torch.Tensor, lr: float, warmup_steps: int) -> torch.Tensor:
+    """lr * min(1, (k + 1) / warmup_steps) for the int64 step counter k (lr when warmup_steps
+    is 0), float64 shaped like k: bit for bit ``training._Run.lr_at(k)``."""
+    k = step.double()
+    if warmup_steps == 0:
+        return torch.full_like(k, lr)
+    return ((k + 1.0) / warmup_steps).clamp(max=1.0) * lr
+
+
+def ema_decay(step: torch.Tensor, decay: float) -> torch.Tensor:
+    """min(decay, (1 + k) / (10 + k)), float64 shaped like k: bit for bit
+    ``EMA.decay_at(k)``."""
+    k = step.double()
+    return ((k + 1.0) / (k + 10.0)).clamp(max=decay)
+
+
+def step_seed(step: torch.Tensor, run_seed: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """The noise seed of step k on ``rank``, run_seed * 2**32 + k * world + rank (int64):
+    ``training.step_seed`` on the device."""
+    return step * world + (run_seed * 2**32 + rank)
+
+
+# -- when a run uses it -------------------------------------------------------------------------
+
+
+def graph_enabled(requested: bool, device: torch.device, dist) -> bool:
+    """Whether a run with ``cuda_graph=requested`` on ``device`` replays a captured step.
+
+    Only on CUDA.  Multi-process (DDP) runs take the eager step on every rank: DDP's
+    gradient all-reduce is not captured here (torch supports it only with NCCL >= 2.9.6, DDP
+    built on a side stream and 11 warm-up iterations, and it is fragile), so each rank trains
+    as before.  Both fallbacks log one line.
+    """
+    if not requested or device.type != "cuda":
+        return False
+    if dist.enabled:
+        if dist.is_main:
+            logger.warning(
+                "fastdiff: cuda_graph: multi-process (DDP) training runs the eager step on"
+                " every rank (the training step is not captured with DDP's all-reduce)"
+            )
+        return False
+    if not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
+        logger.warning(
+            f"fastdiff: cuda_graph: torch {torch.__version__} cannot register a generator with"
+            " a CUDA graph; running the eager training step"
+        )
+        return False
+    return True
+
+
+# -- the step's input images ------------------------------------------------------------------
+
+
+class _DeviceIndexedBatches:
+    """In-memory data: the step gathers its batch itself, from the epoch's permutation (a
+    device copy of ``InMemoryBatches``' own) at a device position it advances.
+
+    ``prepare()`` (host, before each step) keeps the InMemoryBatches' bookkeeping, so its
+    state_dict (the checkpointed data order) stays exact; it copies a new permutation in only
+    when one starts (new epoch, or a restored position).
+    """
+
+    def __init__(self, batches: InMemoryBatches, fmt: torch.memory_format):
+        self.batches, self.fmt = batches, fmt
+        dev = batches.device
+        self.offsets = torch.arange(batches.batch_size, device=dev)
+        self.pos = torch.zeros((), dtype=torch.int64, device=dev)
+        self.perm: torch.Tensor | None = None  # static: the graph reads it
+        self._source: torch.Tensor | None = None  # the permutation tensor copied into perm
+
+    def prepare(self) -> None:
+        perm, start = self.batches.next_indices()
+        if perm is not self._source:
+            if self.perm is None:
+                self.perm = torch.empty_like(perm)
+            self.perm.copy_(perm)
+            self.pos.fill_(start)
+            self._source = perm
+
+    def batch(self) -> torch.Tensor:
+        index = self.perm.index_select(0, self.offsets + self.pos)
+        self.pos.add_(self.batches.batch_size)
+        return self.batches.data.index_select(0, index).contiguous(memory_format=self.fmt)
+
+
+class _StaticInput:
+    """Streamed data (DataLoader): each batch is copied into one static device buffer before
+    the step; the graph reads the buffer."""
+
+    def __init__(self, batches, fmt: torch.memory_format):
+        self.batches = batches
+        shape = (batches.batch_size, *batches.image_shape)
+        self.buffer = torch.empty(shape, device=batches.device, memory_format=fmt)
+
+    def prepare(self) -> None:
+        self.buffer.copy_(self.batches.next_batch(), non_blocking=True)
+
+    def batch(self) -> torch.Tensor:
+        return self.buffer
+
+
+# -- the step -----------------------------------------------------------------------------------
+
+
+class GraphStep:
+    """The training step of a ``training._Run`` with every per-step value on the device.
+
+    ``step()`` runs one training step: on CUDA the first ``WARMUP_STEPS`` run the step
+    function eagerly on a side stream and the last of them is followed by the capture; later
+    steps replay the graph.  Elsewhere every step runs the function eagerly.  The run's
+    ``step`` (a Python int) is the host's count: when it differs from what the device counter
+    holds (a restored checkpoint), the counter is set from it before the step.
+
+    The optimizer must be AdamW built with ``fused=True, capturable=True``; ``_bind`` points
+    its lr at this step's lr tensor (again after a ``load_state_dict`` replaced its state,
+    which also makes the step warm up and capture afresh).
+    """
+
+    def __init__(self, run):
+        self.run = run
+        dev = run.device
+        self.capture = dev.type == "cuda"
+        self.counter = torch.zeros((), dtype=torch.int64, device=dev)  # k, advanced by the step
+        self.lr = torch.tensor(run.cfg.lr, dtype=torch.float32, device=dev)
+        fmt = memory_format(run.channels_last)
+        if isinstance(run.batches, InMemoryBatches):
+            self.inputs = _DeviceIndexedBatches(run.batches, fmt)
+        else:
+            self.inputs = _StaticInput(run.batches, fmt)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self._counter_step = 0  # the run step the device counter holds
+        self._eager_left = WARMUP_STEPS
+        self._bound: tuple | None = None  # (param_groups, state) the lr tensor is bound into
+        self._stream = torch.cuda.Stream(dev) if self.capture else None
+
+    def step(self) -> None:
+        """One training step (the caller advances ``run.step``)."""
+        run = self.run
+        with self._device():
+            if not self._is_bound():
+                self._bind()
+            if run.step != self._counter_step:
+                self.counter.fill_(run.step)
+            self.inputs.prepare()
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._eager()
+                if self.capture and self._eager_left == 0:
+                    self._capture()
+            self._counter_step = run.step + 1
+
+    def _device(self):
+        return torch.cuda.device(self.run.device) if self.capture else contextlib.nullcontext()
+
+    def _is_bound(self) -> bool:
+        opt = self.run.optimizer
+        return self._bound is not None and (
+            self._bound[0] is opt.param_groups and self._bound[1] is opt.state
+        )
+
+    def _bind(self) -> None:
+        """Point the optimizer at the lr tensor; (re)start warm-up and capture."""
+        opt = self.run.optimizer
+        for group in opt.param_groups:
+            group.update(lr=self.lr, capturable=True, fused=True, foreach=None)
+        self._bound = (opt.param_groups, opt.state)
+        self.graph = None
+        self._eager_left = WARMUP_STEPS
+
+    def _eager(self) -> None:
+        self.run.optimizer.zero_grad(set_to_none=True)
+        if self.capture:
+            current = torch.cuda.current_stream()
+            self._stream.wait_stream(current)
+            with torch.cuda.stream(self._stream):
+                self._body()
+            current.wait_stream(self._stream)
+        else:
+            self._body()
+        self._eager_left = max(0, self._eager_left - 1)
+
+    def _capture(self) -> None:
+        run = self.run
+        # Gradients set to None now are allocated by the captured backward in the graph's
+        # memory pool and stay there: each replay's backward writes them afresh.
+        run.optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        graph.register_generator_state(run.t_gen)  # the default generator (dropout) is implicit
+        # thread_local: a DataLoader's pin-memory thread may allocate pinned memory meanwhile.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self._body()
+        self.graph = graph
+
+    def _body(self) -> None:
+        """The step function: what is captured and replayed (see the module docstring)."""
+        run, cfg, k = self.run, self.run.cfg, self.counter
+        with phase("data"):
+            x = self.inputs.batch()
+            t = torch.randint(
+                0, run.schedule.T, (x.shape[0],), device=run.device, generator=run.t_gen
+            )
+            run.seed_buf.copy_(step_seed(k, cfg.seed, run.dist.rank, run.dist.world))
+        with phase("noising"):
+            z = ops.q_sample(x, t, run.schedule, seed=run.seed_buf, validate=False)
+        with phase("forward"), run.prec.autocast(run.device, cache=False):
+            pred = run.net(z, t)
+        with phase("loss"):
+            loss = ops.noise_loss(pred, t, seed=run.seed_buf, validate=False)
+        with phase("backward"):
+            run.scaler.scale(loss).backward()
+        with phase("optimizer"):
+            self.lr.copy_(lr_schedule(k, cfg.lr, cfg.warmup_steps))
+            run.scaler.unscale_(run.optimizer)
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip, foreach=True)
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+        with phase("EMA"):
+            run.ema.update_with((1.0 - ema_decay(k, run.ema.decay)).float())
+        run.losses.index_copy_(0, (k % cfg.log_every).reshape(1), loss.detach().reshape(1))
+        k.add_(1)

@@ -1,0 +1,148 @@
+"""The fused ops as torch custom ops: torch.compile traces them, and train(compile=True) works.
+
+The ops are registered in the "fastdiff" namespace (fastdiff/ops.py) with fake implementations
+and autograd.  Here: torch.library.opcheck on every op (schema, fake tensors and their
+strides, autograd registration, AOT dispatch), a U-Net training step under
+torch._dynamo.explain with no graph break on either backend, compiled ops against the torch
+reference (forward and backward, Triton kernels under the interpreter), and a short
+compile=True training run on CPU.
+"""
+
+import pytest
+import torch
+from helpers import TOLERANCE
+from test_training import TINY, tiny_data
+
+import fastdiff
+from fastdiff import UNet, ops
+from fastdiff.schedule import NoiseSchedule
+
+S = NoiseSchedule.linear(50)
+TABLES = ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "posterior_mean_coef_x0")
+
+
+def _images(layout: str, requires_grad=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 4, 5, 4, generator=g)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":  # neither contiguous nor channels_last: the ops make it dense
+        x = torch.randn(3, 4, 4, 5, generator=g).transpose(2, 3)
+    return x.requires_grad_(requires_grad)
+
+
+def _op_cases(layout):
+    x, noise = _images(layout, True), _images(layout, True, seed=1)
+    t, seed = torch.tensor([0, 7, 49]), torch.tensor([11])
+    tab = [S.table(name) for name in ("reverse_coef_z", "reverse_coef_eps", "sigma_beta")]
+    clip = [S.table(name) for name in TABLES]
+    return [
+        ("q_sample", (x, t, *clip[:2], None, seed)),
+        ("q_sample", (x, t, *clip[:2], noise, None)),
+        ("noise_loss_sums", (x, None, seed)),
+        ("noise_loss_sums", (x, noise, None)),
+        ("noise_loss_grad", (x.detach(), torch.rand(3), None, seed)),
+        ("reverse_step", (x, noise, t, *tab, None, seed, None, None, None)),
+        ("reverse_step", (x, noise, t, *tab, None, seed, *clip)),
+        (
+            "reverse_step_out",
+            (
+                torch.empty(3, 4, 5, 4),
+                x.detach(),
+                noise.detach(),
+                t,
+                *tab,
+                None,
+                seed,
+                None,
+                None,
+                None,
+            ),
+        ),  # fmt: skip
+    ]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_custom_ops_pass_opcheck(triton_backend, layout):
+    for name, args in _op_cases(layout):
+        result = torch.library.opcheck(getattr(torch.ops.fastdiff, name).default, args)
+        assert set(result.values()) == {"SUCCESS"}, (name, result)
+    result = torch.library.opcheck(
+        torch.ops.fastdiff.philox_normal.default, (torch.tensor([3]), [2, 5])
+    )
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+def _training_step():
+    model = UNet.preset("tiny")
+
+    def step(x, t, seed):
+        z = ops.q_sample(x, t, S, seed=seed, validate=False)
+        pred = model(z, t)
+        return ops.noise_loss(pred, t, seed=seed, validate=False)
+
+    return step
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_unet_training_step_traces_without_graph_breaks(monkeypatch, backend):
+    """q_sample -> U-Net -> noise_loss with in-kernel noise from a seed tensor: one graph."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv(ops.BACKEND_ENV, backend)
+    x, t, seed = torch.randn(4, 1, 8, 8), torch.tensor([0, 3, 17, 49]), torch.tensor([5])
+    explained = torch._dynamo.explain(_training_step())(x, t, seed)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
+def _loss_and_sample(x, w, t, seed):
+    """A differentiable chain through all three ops (w stands in for a model)."""
+    z = ops.q_sample(x, t, S, seed=seed, validate=False)
+    pred = z * w
+    loss = ops.noise_loss(pred, t, seed=seed, validate=False)
+    z_prev = ops.reverse_step(z, pred, t, S, seed=seed + 1, clip_x0=True, validate=False)
+    return loss + z_prev.square().mean()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_compiled_ops_match_the_reference(monkeypatch, triton_backend, layout):
+    """torch.compile(fullgraph=True) over the custom ops (AOTAutograd: fake tensors and the
+    registered backward) gives the reference's value and gradients."""
+    x = _images(layout)
+    t, seed = torch.tensor([0, 20, 49]), torch.tensor([123])
+    w = torch.full((), 0.7, requires_grad=True)
+    xg = x.clone().requires_grad_(True)
+    compiled = torch.compile(_loss_and_sample, backend="aot_eager", fullgraph=True)
+    got = compiled(xg, w, t, seed)
+    got.backward()
+    monkeypatch.setenv(ops.BACKEND_ENV, "reference")
+    wr, xr = w.detach().clone().requires_grad_(True), x.clone().requires_grad_(True)
+    want = _loss_and_sample(xr, wr, t, seed)
+    want.backward()
+    tol = TOLERANCE[torch.float32]
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(w.grad, wr.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compile_true_trains_the_tiny_preset_on_cpu(monkeypatch):
+    """train(compile=True) runs the model through torch.compile (Inductor, C++ on CPU) and
+    logs the losses of the uncompiled run."""
+    compiled = []
+    real_compile = torch.compile
+
+    def spy(model, **kwargs):
+        compiled.append(model)
+        return real_compile(model, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    kw = dict(steps=3, batch_size=4, log_every=1, lr=1e-3, precision="fp32", **TINY)
+    logs = {False: [], True: []}
+    for flag in (False, True):
+        fastdiff.train(tiny_data(n=16), compile=flag, on_log=logs[flag].append, **kw)
+    assert len(compiled) == 1
+    plain, comp = ([r["loss"] for r in logs[flag]] for flag in (False, True))
+    assert len(comp) == 3
+    torch.testing.assert_close(comp, plain, rtol=1e-4, atol=1e-5)

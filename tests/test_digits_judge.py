@@ -1,0 +1,59 @@
+"""tools/digits_judge.py: the Frechet distance, and a judge that tells digits from noise."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+_SPEC = importlib.util.spec_from_file_location(
+    "digits_judge", Path(__file__).parents[1] / "tools" / "digits_judge.py"
+)
+judge = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(judge)
+
+
+def test_frechet_distance_closed_form():
+    """For N(m1, s1^2 I) and N(m2, s2^2 I) in d dims: |m1 - m2|^2 + d (s1 - s2)^2."""
+    rng = np.random.default_rng(0)
+    d, n = 4, 200_000
+    a = rng.standard_normal((n, d))
+    b = 0.5 + 2.0 * rng.standard_normal((n, d))
+    want = d * 0.5**2 + d * (1.0 - 2.0) ** 2
+    assert judge.frechet_distance(a, b) == pytest.approx(want, rel=0.02)
+    assert abs(judge.frechet_distance(a, a)) < 1e-8
+    # A non-diagonal case: the same correlated cloud, shifted, is at distance |shift|^2.
+    mix = rng.standard_normal((d, d))
+    assert judge.frechet_distance(a @ mix, a @ mix + 3.0) == pytest.approx(9.0 * d, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_real_digits_score_far_lower_than_noise(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTDIFF_CACHE", str(tmp_path))
+    net = judge.train_judge()
+    assert list(tmp_path.glob("digits_judge-*.pt"))  # cached for the next call
+    assert judge.held_out_accuracy(net) > 0.95
+    scores = judge.reference_scores(net)
+    real, noise = scores["real"], scores["noise"]
+    assert real["n"] == noise["n"] == judge.SPLIT[2]
+    assert real["fd"] < noise["fd"] / 20
+    assert real["confidence"] > 0.9 > noise["confidence"]
+    assert min(real["histogram"]) > 0 and sum(real["histogram"]) == real["n"]
+    # The training images themselves, as uint8 (the .npz path), score like held-out digits.
+    train_images = judge.split_digits()["train"][0][:200]
+    as_uint8 = ((train_images + 1) * 127.5).round().to(torch.uint8)
+    np.savez(tmp_path / "train.npz", images=as_uint8.numpy())
+    again = judge.judge_images(judge.load_npz_images(tmp_path / "train.npz"), net)
+    assert again["fd"] == pytest.approx(judge.judge_images(train_images, net)["fd"], rel=1e-6)
+    assert math.isfinite(again["fd"]) and again["fd"] < noise["fd"] / 20
+    # Cached weights give the same judge.
+    assert judge.judge_images(train_images, judge.train_judge())["fd"] == pytest.approx(
+        judge.judge_images(train_images, net)["fd"]
+    )
+
+
+def test_bad_image_shape():
+    with pytest.raises(ValueError, match="images"):
+        judge.judge_images(torch.zeros(4, 3, 16, 16), net=judge.JudgeNet())

@@ -1,0 +1,80 @@
+"""The bf16 sampling copy of a UNet (fastdiff.low_precision): cast once, cached, never the
+user's module.  The copy is only made for CUDA; ``device`` is just compared, so the caching
+logic runs here on CPU modules."""
+
+import pytest
+import torch
+from torch import nn
+
+import fastdiff
+from fastdiff import UNet
+from fastdiff.low_precision import sampling_model
+from fastdiff.precision import resolve_precision
+
+CUDA = torch.device("cuda")
+BF16 = resolve_precision("bf16", torch.device("cpu"))
+
+
+def test_bf16_copy_is_cached_and_leaves_the_model_alone():
+    model = UNet.preset("tiny").train()
+    copy = sampling_model(model, BF16, CUDA, channels_last=True)
+    assert copy is not model and not copy.training
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in copy.parameters())
+    assert copy.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(p.dtype == torch.float32 for p in model.parameters()) and model.training
+    assert model.conv_in.weight.is_contiguous()
+    assert sampling_model(model, BF16, CUDA, channels_last=True) is copy
+    assert sampling_model(model, BF16, CUDA, channels_last=False) is not copy
+
+
+def test_copy_follows_in_place_weight_updates():
+    """An EMA step (in place) makes the next call cast again, with the new weights."""
+    model = UNet.preset("tiny")
+    ema = fastdiff.ema.EMA(model, decay=0.5)
+    first = sampling_model(ema.shadow, BF16, CUDA, channels_last=True)
+    with torch.no_grad():
+        model.conv_in.bias.add_(1.0)
+    ema.update(step=100)
+    second = sampling_model(ema.shadow, BF16, CUDA, channels_last=True)
+    assert second is not first
+    torch.testing.assert_close(
+        second.conv_in.bias.float(), ema.shadow.conv_in.bias, rtol=2**-8, atol=0
+    )
+
+
+@pytest.mark.parametrize(
+    "model,precision,device",
+    [
+        (UNet.preset("tiny"), "fp32", CUDA),
+        (UNet.preset("tiny"), "fp16", CUDA),
+        (UNet.preset("tiny"), "bf16", torch.device("cpu")),
+        (nn.Conv2d(1, 1, 3), "bf16", CUDA),  # not a fastdiff UNet: autocast only, as before
+    ],
+)
+def test_other_cases_sample_the_model_itself(model, precision, device):
+    prec = resolve_precision(precision, torch.device("cpu"))
+    assert sampling_model(model, prec, device, channels_last=True) is model
+
+
+def test_bf16_copy_predicts_what_autocast_predicts():
+    """Weights rounded to bf16 once vs autocast's per-call casts: the same network."""
+    torch.manual_seed(0)
+    model = UNet.preset("tiny").eval()
+    for p in model.parameters():  # move the zero-initialised layers off zero
+        p.data.add_(0.05 * torch.randn_like(p))
+    copy = sampling_model(model, BF16, CUDA, channels_last=True)
+    z = torch.randn(2, 1, 8, 8).contiguous(memory_format=torch.channels_last)
+    t = torch.tensor([5, 900])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = model(z, t).float(), copy(z, t).float()
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.02 * float(want.abs().max()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the bf16 copy is made on CUDA only")
+def test_cuda_bf16_sampling_uses_the_copy_and_keeps_the_model():
+    model = UNet.preset("tiny").cuda()
+    d = fastdiff.Diffusion(model, fastdiff.NoiseSchedule.linear(20), (1, 8, 8))
+    images = d.sample(4, seed=0, precision="bf16")
+    assert images.shape == (4, 1, 8, 8) and bool(images.isfinite().all())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert torch.equal(images, d.sample(4, seed=0, precision="bf16"))
