@@ -302,9 +302,12 @@ def _record(benchmark, table, op, case_id, sides: dict, nbytes: int):
         rows["fastdiff"]["speedup"] = rows["eager"]["device_us"] / rows["fastdiff"]["device_us"]
     table.extend(rows.values())
     benchmark.group = f"{op} {case_id}"
+    # fastdiff's figures unprefixed (what benchmarks/gpu_check.py tabulates), eager's prefixed
+    figures = {k: round(v, 2) for k, v in rows["fastdiff"].items() if isinstance(v, float)}
+    figures["speedup_vs_eager"] = figures.pop("speedup", None)
     benchmark.extra_info.update(
-        bytes_moved=nbytes, copy_gb_per_s=round(copy_rate, 1),
-        **{f"{s}_{k}": round(v, 2) for s, r in rows.items() for k, v in r.items()
+        op=op, case=case_id, bytes_moved=nbytes, copy_gb_per_s=round(copy_rate, 1), **figures,
+        **{f"eager_{k}": round(v, 2) for k, v in rows.get("eager", {}).items()
            if isinstance(v, float)},
     )  # fmt: skip
     benchmark.pedantic(_replay(sides["fastdiff"]), rounds=5, warmup_rounds=1, iterations=1)
@@ -338,8 +341,10 @@ NOISE_OPS = ("q_sample", "noise_loss_fwd", "noise_loss_fwd_bwd", "reverse_step")
 
 
 def _case_id(shape, dtype, layout) -> str:
+    """e.g. cuda-64x3x256x256-bf16-cl (the "cuda" lets ``-k cuda`` select the device cases)."""
     dt = str(dtype).removeprefix("torch.").replace("float", "fp").replace("bfp", "bf")
-    return f"{'x'.join(map(str, shape))}-{dt}-{'cl' if layout == 'channels_last' else 'nchw'}"
+    lay = "cl" if layout == "channels_last" else "nchw"
+    return f"cuda-{'x'.join(map(str, shape))}-{dt}-{lay}"
 
 
 def _noise_sides(op, shape, dtype, layout, schedule):

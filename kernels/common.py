@@ -15,10 +15,11 @@ So four logical neighbours share one Philox call, and eps does not depend on mem
 * one backend, one device: the same seed gives bit-identical eps, in every layout, in every
   kernel (q_sample, noise_loss and reverse_step regenerate the same eps);
 * the Triton interpreter (CPU) equals the numpy twin bit for bit (same float32 operations);
-* compiled CUDA kernels use the hardware's approximate lg2/sin/cos/sqrt (``FAST_MATH``; exact
-  functions would cost about a third more instructions per element, see docs/DESIGN_NOTES.md),
-  so they differ from the twin by at most ``kernels.reference.noise_bound(R)`` per element,
-  about 4e-6 * R + 7e-7 / R (derived there from the documented error bounds).
+* compiled CUDA kernels use the hardware's approximate lg2/sin/cos/sqrt (``FAST_MATH``), so
+  they differ from the twin by at most ``kernels.reference.noise_bound(R)`` per element,
+  about 4e-6 * R + 7e-7 / R (derived there from the documented error bounds).  Precise
+  functions would not make them equal (libdevice's logf/cosf are not numpy's) and cost
+  instructions this memory-bound path does not have (docs/DESIGN_NOTES.md).
 
 Tiles.  Program ``pid`` handles tile ``pid % blocks_per_sample`` of sample
 ``pid // blocks_per_sample`` (every sample is one dense run of memory in contiguous and in

@@ -153,7 +153,7 @@ def group_norm_fwd_kernel(
     n = pid // blocks
     offs, mask, _ = _tile(n, (pid % blocks) * BLOCK_P, HW, C, BLOCK_P, C_PAD)
     w, b, mu, rstd = _channel_params(n, w_ptr, b_ptr, mean_ptr, rstd_ptr, C, Cg, G, C_PAD)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + offs, mask=mask, other=mu).to(tl.float32)  # xhat = 0 off-mask
     y = (x - mu) * (rstd * w) + b
     if SILU:
         y = y * tl.sigmoid(y)
@@ -176,7 +176,7 @@ def group_norm_bwd_stats_kernel(
     sum_dy = tl.zeros((C_PAD,), tl.float32)
     for p0 in range(start, end, BLOCK_P):
         offs, mask, _ = _tile(n, p0, HW, C, BLOCK_P, C_PAD)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + offs, mask=mask, other=mu).to(tl.float32)  # xhat = 0 off-mask
         dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         xhat, dy = _act_grad(x, dout, w, b, mu, rstd, SILU)
         dy = tl.where(mask, dy, 0.0)
@@ -222,7 +222,7 @@ def group_norm_bwd_kernel(
     grp = n * 2 * G + c // Cg
     s1 = tl.load(s_ptr + grp, mask=c < C, other=0.0)
     s2 = tl.load(s_ptr + grp + G, mask=c < C, other=0.0)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + offs, mask=mask, other=mu).to(tl.float32)  # xhat = 0 off-mask
     dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     xhat, dy = _act_grad(x, dout, w, b, mu, rstd, SILU)
     inv_m = 1.0 / (HW * Cg).to(tl.float32)

@@ -100,7 +100,8 @@ def compile_fn(fn, signature: dict, constexprs: dict, cap: int, num_warps: int, 
 
 
 def resource_usage(cubin: bytes) -> dict:
-    """Registers and stack bytes of a cubin, read with cuobjdump (shipped with Triton)."""
+    """Registers, stack bytes and the count of SASS instructions (NOPs excluded) of a cubin,
+    read with cuobjdump (shipped with Triton)."""
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     tool = str(tool) if tool.exists() else shutil.which("cuobjdump")
     if not tool:
@@ -108,11 +109,15 @@ def resource_usage(cubin: bytes) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run(
-            [tool, "--dump-resource-usage", f.name], capture_output=True, text=True
-        ).stdout
+        out, sass = (
+            subprocess.run([tool, flag, f.name], capture_output=True, text=True).stdout
+            for flag in ("--dump-resource-usage", "-sass")
+        )
     found = {k: re.search(rf"{k}:(\d+)", out) for k in ("REG", "STACK")}
-    return {k.lower(): int(m.group(1)) for k, m in found.items() if m}
+    report = {k.lower(): int(m.group(1)) for k, m in found.items() if m}
+    instructions = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
+    report["sass"] = sum(1 for i in instructions if i != "NOP")
+    return report
 
 
 def describe(compiled, cap: int) -> dict:
@@ -194,6 +199,8 @@ def main() -> None:
             info["error"] = f"{type(exc).__name__}: {exc}"[:2000]
         else:
             info.update(describe(compiled, cap))
+            if "elems_per_thread" in info and "sass" in info:
+                info["sass_per_elem"] = round(info["sass"] / info["elems_per_thread"], 1)
         report.append(info)
     json.dump(report, sys.stdout)
 
