@@ -92,8 +92,9 @@ def run_part(name: str, cmd: list[str], out: Path, timeout: float, cwd: Path) ->
     """Run one part; its stdout+stderr go to out/<name>.log.  Returns status and timing."""
     log = out / f"{name}.log"
     start = time.perf_counter()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("TRITON_INTERPRET", None)
+    # A clean child: no interpreter, and nothing of a parent pytest(-xdist) run.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "TRITON_INTERP"))}
+    env["PYTHONUNBUFFERED"] = "1"
     with open(log, "w") as f:
         try:
             proc = subprocess.run(
