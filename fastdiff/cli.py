@@ -20,15 +20,23 @@ from pathlib import Path
 
 import numpy as np
 
+from . import distributed
 from .errors import FastDiffError
 from .precision import PRECISIONS
 from .preemption import TrainingInterrupted
 
-#: Defaults of ``fastdiff train`` with no arguments: the built-in digits, about 10 minutes on
-#: a 2-core CPU including the final 64-image sample grid (see README.md for the measurement).
-DEFAULT_STEPS = 2000
+#: Defaults of ``fastdiff train`` with no arguments: the built-in digits, under 10 minutes on
+#: a 2-core CPU including the final 64-image sample grid.  Chosen by measurement with the digits
+#: judge (tools/digits_judge.py; docs/PERFORMANCE.md, "Sample quality"): a peak lr of 2e-3
+#: with cosine decay beat 2e-4 / 1e-3 / 4e-3 constant at equal steps, and DDIM with 100 steps
+#: (x0 clipped, eps re-derived) scored better than 1000 DDPM steps at a tenth of the time.
+DEFAULT_STEPS = 5000
 DEFAULT_OUT = "runs/digits"
-DEFAULT_SAMPLE_SAMPLER = "ddpm"
+DEFAULT_LR = 2e-3
+DEFAULT_LR_SCHEDULE = "cosine"
+DEFAULT_WARMUP_STEPS = 200
+DEFAULT_EMA_DECAY = 0.9999
+DEFAULT_SAMPLE_SAMPLER = "ddim"
 DEFAULT_SAMPLE_STEPS = 100
 
 
@@ -61,9 +69,24 @@ def _add_train(sub) -> None:
     )
     p.add_argument("--schedule", default="linear", choices=["linear", "cosine"], help="[linear]")
     p.add_argument("--T", type=int, default=1000, help="diffusion steps [1000]")
-    p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate [2e-4]")
-    p.add_argument("--warmup-steps", type=int, default=200, help="linear lr warm-up [200]")
-    p.add_argument("--ema-decay", type=float, default=0.9999, help="[0.9999]")
+    p.add_argument(
+        "--lr", type=float, default=DEFAULT_LR, help=f"AdamW peak learning rate [{DEFAULT_LR}]"
+    )
+    p.add_argument(
+        "--lr-schedule",
+        default=DEFAULT_LR_SCHEDULE,
+        choices=["constant", "cosine"],
+        help=f"after the warm-up: constant, or cosine to 0 at --steps [{DEFAULT_LR_SCHEDULE}]",
+    )
+    p.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=DEFAULT_WARMUP_STEPS,
+        help=f"linear lr warm-up [{DEFAULT_WARMUP_STEPS}]",
+    )
+    p.add_argument(
+        "--ema-decay", type=float, default=DEFAULT_EMA_DECAY, help=f"[{DEFAULT_EMA_DECAY}]"
+    )
     p.add_argument(
         "--image-size",
         type=int,
@@ -106,8 +129,8 @@ def _add_train(sub) -> None:
     p.add_argument(
         "--sample-steps",
         type=int,
-        default=DEFAULT_SAMPLE_STEPS,
-        help=f"ddim steps of the grids [{DEFAULT_SAMPLE_STEPS}]",
+        default=None,
+        help=f"ddim steps of the grids [{DEFAULT_SAMPLE_STEPS}, or T if smaller]",
     )
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers [0]")
     p.add_argument(
@@ -263,6 +286,7 @@ def _run_train(args) -> int:
         T=args.T,
         lr=args.lr,
         warmup_steps=args.warmup_steps,
+        lr_schedule=args.lr_schedule,
         ema_decay=args.ema_decay,
         image_size=args.image_size,
         seed=args.seed,
@@ -275,7 +299,7 @@ def _run_train(args) -> int:
         sample_every=args.sample_every,
         n_samples=args.n_samples,
         sample_sampler=args.sample_sampler,
-        sample_steps=args.sample_steps if args.sample_sampler == "ddim" else None,
+        sample_steps=_grid_steps(args),
         num_workers=args.workers,
         progress=not args.no_progress,
         cuda_graph=not args.no_cuda_graph,
@@ -284,6 +308,14 @@ def _run_train(args) -> int:
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes
         print(f"wrote {out / 'samples.png'}, {out / 'metrics.jsonl'} and {out / 'checkpoints'}/")
     return 0
+
+
+def _grid_steps(args) -> int | None:
+    """--sample-steps as given (train() checks it), else for ddim DEFAULT_SAMPLE_STEPS capped
+    at --T."""
+    if args.sample_steps is not None or args.sample_sampler != "ddim":
+        return args.sample_steps
+    return min(DEFAULT_SAMPLE_STEPS, args.T)
 
 
 def _run_sample(args) -> int:
@@ -394,6 +426,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("fastdiff: interrupted", file=sys.stderr)
         return 130
+    finally:
+        distributed.teardown()  # a process group train() made ends before the interpreter
 
 
 if __name__ == "__main__":  # pragma: no cover

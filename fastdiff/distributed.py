@@ -46,15 +46,36 @@ def setup(device: torch.device) -> tuple[DistInfo, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if not dist.is_available() or (world <= 1 and not dist.is_initialized()):
         return DistInfo(), device
+    global _created_group
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
+        _created_group = True
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     return DistInfo(rank, world, local_rank), device
+
+
+#: Whether ``setup`` created the default process group (one the caller made is theirs).
+_created_group = False
+
+
+def teardown() -> None:
+    """Destroy the process group ``setup`` created, if it still exists.
+
+    ``train`` calls this when it raises (a signal, an output error: the process is about to
+    end) and the CLI before it exits; a successful ``train()`` leaves the group to its caller.
+    A group left to the exit-time destructors can abort the process ("terminate called
+    without an active exception") when a peer rank has already gone.
+    """
+    global _created_group
+    if _created_group and dist.is_initialized():
+        _host_groups.clear()
+        dist.destroy_process_group()
+    _created_group = False
 
 
 def wrap(model: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:

@@ -12,6 +12,7 @@ it itself, from a device step counter k:
                                                     the graph (replays advance its offset)
     seed_k  = seed * 2**32 + k * world + rank       training.step_seed
     lr_k    = lr * min(1, (k + 1) / warmup_steps)   written into the optimizer's lr tensor
+              (* cosine decay with lr_schedule="cosine": lr_schedule below)
     decay_k = min(ema_decay, (1 + k) / (10 + k))    EMA.decay_at
     losses[k % log_every] = loss;  k += 1
 
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 
 import torch
 
@@ -55,13 +57,27 @@ WARMUP_STEPS = 3
 # -- the per-step values as functions of the device step counter ------------------------------
 
 
-def lr_schedule(step: torch.Tensor, lr: float, warmup_steps: int) -> torch.Tensor:
+def lr_schedule(
+    step: torch.Tensor,
+    lr: float,
+    warmup_steps: int,
+    schedule: str = "constant",
+    total_steps: int = 0,
+) -> torch.Tensor:
     """lr * min(1, (k + 1) / warmup_steps) for the int64 step counter k (lr when warmup_steps
-    is 0), float64 shaped like k: bit for bit ``training._Run.lr_at(k)``."""
+    is 0), float64 shaped like k; with ``schedule="cosine"`` also times
+    0.5 (1 + cos(pi p)), p = clamp((k - warmup_steps) / (total_steps - warmup_steps), 0, 1),
+    which decays to 0 at the last step.  ``training._Run.lr_at(k)`` is this function on the
+    host, so eager and graph steps use the same lr."""
     k = step.double()
     if warmup_steps == 0:
-        return torch.full_like(k, lr)
-    return ((k + 1.0) / warmup_steps).clamp(max=1.0) * lr
+        rate = torch.full_like(k, lr)
+    else:
+        rate = ((k + 1.0) / warmup_steps).clamp(max=1.0) * lr
+    if schedule == "cosine":
+        progress = ((k - warmup_steps) / max(total_steps - warmup_steps, 1)).clamp(0.0, 1.0)
+        rate = rate * (0.5 * (1.0 + torch.cos(math.pi * progress)))
+    return rate
 
 
 def ema_decay(step: torch.Tensor, decay: float) -> torch.Tensor:
@@ -268,7 +284,7 @@ class GraphStep:
         with phase("backward"):
             run.scaler.scale(loss).backward()
         with phase("optimizer"):
-            self.lr.copy_(lr_schedule(k, cfg.lr, cfg.warmup_steps))
+            self.lr.copy_(lr_schedule(k, cfg.lr, cfg.warmup_steps, cfg.lr_schedule, cfg.steps))
             run.scaler.unscale_(run.optimizer)
             torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip, foreach=True)
             run.scaler.step(run.optimizer)

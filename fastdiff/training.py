@@ -51,12 +51,14 @@ from .precision import (
     resolve_precision,
 )
 from .profiling import phase
-from .schedule import NoiseSchedule
 from .sampling import SAMPLERS
+from .schedule import NoiseSchedule
 from .unet import PRESETS, UNet
 from .validation import require_int
 
 SAMPLES_FILE = "samples.png"
+#: ``lr_schedule`` values: a constant lr after the warm-up, or cosine decay to 0 at ``steps``.
+LR_SCHEDULES = ("constant", "cosine")
 METRICS_FILE = "metrics.jsonl"
 
 TrainingInterrupted = preemption.TrainingInterrupted
@@ -76,6 +78,7 @@ class TrainConfig:
     batch_size: int
     lr: float = 2e-4
     warmup_steps: int = 500
+    lr_schedule: str = "constant"
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
@@ -121,6 +124,8 @@ def _check_config(cfg: TrainConfig) -> None:
         )
     if cfg.weight_decay < 0:
         raise ValueError(f"weight_decay: expected >= 0, got {cfg.weight_decay}")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule: expected one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}")
     if cfg.variance not in ops.VARIANCES:
         raise ValueError(f"variance: expected one of {sorted(ops.VARIANCES)}, got {cfg.variance!r}")
     _check_grid_sampler(cfg.sample_sampler, cfg.sample_steps)
@@ -203,6 +208,7 @@ def train(
     T: int = 1000,
     lr: float = 2e-4,
     warmup_steps: int = 500,
+    lr_schedule: str = "constant",
     weight_decay: float = 0.0,
     grad_clip: float = 1.0,
     ema_decay: float = 0.9999,
@@ -239,6 +245,9 @@ def train(
         batch_size: images per step.
         lr, warmup_steps, weight_decay, grad_clip: AdamW with linear warm-up and clipping of
             the global gradient norm.
+        lr_schedule: after the warm-up, ``"constant"`` or ``"cosine"`` (decays to 0 at
+            ``steps``: lr * 0.5 (1 + cos(pi (k - warmup) / (steps - warmup))); resuming to a
+            larger ``steps`` stretches what is left of the decay).
         ema_decay: decay of the weights' moving average (with warm-up, see fastdiff.ema).
         precision: "auto", "fp32", "bf16" or "fp16" (with a GradScaler); see
             fastdiff.precision for what auto picks.
@@ -284,6 +293,7 @@ def train(
         batch_size=batch_size,
         lr=lr,
         warmup_steps=warmup_steps,
+        lr_schedule=lr_schedule,
         weight_decay=weight_decay,
         grad_clip=grad_clip,
         ema_decay=ema_decay,
@@ -305,29 +315,33 @@ def train(
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise FastDiffError(f"out_dir: {str(out_dir)!r} exists and is not a directory")
     dist_info, dev = distributed.setup(resolve_device(device))
-    prec = resolve_precision(precision, dev)
-    cl = resolve_channels_last(channels_last, dev, prec)
-    sched = _schedule(schedule, T).to(dev)
-    _check_grid_sampler(sample_sampler, sample_steps, sched.T)
-    source = (
-        data
-        if isinstance(data, torch.utils.data.Dataset)
-        else resolve_data(data, image_size=image_size)
-    )
-    image_shape = _image_shape(source)
+    try:
+        prec = resolve_precision(precision, dev)
+        cl = resolve_channels_last(channels_last, dev, prec)
+        sched = _schedule(schedule, T).to(dev)
+        _check_grid_sampler(sample_sampler, sample_steps, sched.T)
+        source = (
+            data
+            if isinstance(data, torch.utils.data.Dataset)
+            else resolve_data(data, image_size=image_size)
+        )
+        image_shape = _image_shape(source)
 
-    torch.manual_seed(seed)
-    if model is None:
-        model = model_for_data(image_shape, preset)
-    _check_model_fits(model, image_shape)
-    model.to(dev, memory_format=memory_format(cl)).train()
+        torch.manual_seed(seed)
+        if model is None:
+            model = model_for_data(image_shape, preset)
+        _check_model_fits(model, image_shape)
+        model.to(dev, memory_format=memory_format(cl)).train()
 
-    run = _Run(model, sched, source, image_shape, cfg, dev, prec, cl, num_workers, dist_info,
-               cuda_graph=cuda_graph, compile=compile)  # fmt: skip
-    out = Path(out_dir) if out_dir is not None else None
-    if resume:
-        run.restore(out)
-    return run.loop(out, progress=progress and dist_info.is_main, on_log=on_log, resumed=resume)
+        run = _Run(model, sched, source, image_shape, cfg, dev, prec, cl, num_workers, dist_info,
+                   cuda_graph=cuda_graph, compile=compile)  # fmt: skip
+        out = Path(out_dir) if out_dir is not None else None
+        if resume:
+            run.restore(out)
+        return run.loop(out, progress=progress and dist_info.is_main, on_log=on_log, resumed=resume)
+    except BaseException:
+        distributed.teardown()  # the process is about to end: see its docstring
+        raise
 
 
 class _Run:
@@ -364,9 +378,13 @@ class _Run:
     # -- one step ---------------------------------------------------------------------------
 
     def lr_at(self, step: int) -> float:
-        if self.cfg.warmup_steps == 0:
-            return self.cfg.lr
-        return self.cfg.lr * min(1.0, (step + 1) / self.cfg.warmup_steps)
+        """The lr of step ``step``: ``train_graph.lr_schedule`` evaluated on the host, so the
+        eager and the CUDA-graph step follow one formula."""
+        cfg = self.cfg
+        k = torch.tensor(step, dtype=torch.int64)
+        return float(
+            train_graph.lr_schedule(k, cfg.lr, cfg.warmup_steps, cfg.lr_schedule, cfg.steps)
+        )
 
     def train_step(self) -> None:
         if self.graph_step is not None:  # the same step, device-resident and replayed

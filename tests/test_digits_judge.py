@@ -57,3 +57,17 @@ def test_real_digits_score_far_lower_than_noise(tmp_path, monkeypatch):
 def test_bad_image_shape():
     with pytest.raises(ValueError, match="images"):
         judge.judge_images(torch.zeros(4, 3, 16, 16), net=judge.JudgeNet())
+
+
+def test_eval_loss_of_an_untrained_unet_is_the_noise_power(tmp_path):
+    """A fresh UNet predicts eps = 0 (zero-initialised output layer), so its eval loss is
+    E[eps^2] = 1 over the 1797 x 4 x 256 fixed draws (std of the mean ~0.001)."""
+    from fastdiff import Diffusion, NoiseSchedule
+    from fastdiff.training import model_for_data
+
+    torch.manual_seed(0)
+    model = model_for_data((1, 16, 16), "tiny")
+    Diffusion(model, NoiseSchedule.linear(100), (1, 16, 16)).save(tmp_path / "ckpt")
+    loss = judge.eval_loss(tmp_path / "ckpt", draws=1)
+    assert loss == pytest.approx(1.0, abs=0.01)
+    assert judge.eval_loss(tmp_path / "ckpt", draws=1) == loss  # fixed draws: deterministic

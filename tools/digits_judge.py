@@ -23,9 +23,16 @@ Usage (from a checkout, with fastdiff installed)::
     python tools/digits_judge.py images.npz                  # e.g. from `fastdiff sample --out`
     python tools/digits_judge.py --reference                 # floor and ceiling only
     python tools/digits_judge.py runs/digits --table         # every sampler setting (TABLE)
+    python tools/digits_judge.py runs/digits --eval-loss     # the low-noise training proxy
+
+``--eval-loss`` needs no sampling: the noise-prediction loss of the checkpoint's EMA model on
+all 1797 digits with 4 fixed (t, eps) draws each (seeded), i.e. the training objective with
+its sampling noise removed, which ranks checkpoints of one data set far more steadily than a
+200-image FD does.
 
 Importable: ``train_judge``, ``judge_images``, ``frechet_distance``, ``reference_scores``,
-``sample_images``.  Not a test and not a benchmark: plain ``pytest`` does not collect it.
+``sample_images``, ``eval_loss``.  Not a test and not a benchmark: plain ``pytest`` does not
+collect it.
 """
 
 from __future__ import annotations
@@ -243,6 +250,27 @@ def sample_images(checkpoint, n: int = 200, *, seed: int = 0, **sample_kwargs) -
     return sample(diffusion, n, seed=seed, **sample_kwargs).cpu()
 
 
+@torch.no_grad()
+def eval_loss(checkpoint, draws: int = 4, seed: int = 123, batch_size: int = 256) -> float:
+    """mean ||g(z_t, t) - eps||^2 of the EMA model over all digits x ``draws`` fixed (t, eps)."""
+    from fastdiff import load
+
+    diffusion = load(checkpoint, device="cpu")
+    net = diffusion.ema_model if diffusion.ema_model is not None else diffusion.model
+    x = load_digits()[0].repeat(draws, 1, 1, 1)
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, diffusion.schedule.T, (len(x),), generator=gen)
+    eps = torch.randn(x.shape, generator=gen)
+    ac = diffusion.schedule.alphas_cumprod.float()
+    total = 0.0
+    for i in range(0, len(x), batch_size):
+        a = ac[t[i : i + batch_size]].view(-1, 1, 1, 1)
+        z = a.sqrt() * x[i : i + batch_size] + (1 - a).sqrt() * eps[i : i + batch_size]
+        pred = net(z, t[i : i + batch_size]).float()
+        total += float(((pred - eps[i : i + batch_size]) ** 2).mean(dim=(1, 2, 3)).sum())
+    return total / len(x)
+
+
 def load_npz_images(path) -> torch.Tensor:
     """``images`` from an .npz (uint8 N C H W as ``fastdiff sample --out x.npz`` writes)."""
     with np.load(path) as npz:
@@ -322,9 +350,17 @@ def main(argv=None) -> int:
     p.add_argument(
         "--table", action="store_true", help="judge every sampler setting of TABLE (markdown)"
     )
+    p.add_argument(
+        "--eval-loss", action="store_true", help="print the EMA model's fixed-noise eval loss"
+    )
     args = p.parse_args(argv)
     if not args.source and not args.reference:
         p.error("give a run directory, checkpoint or .npz, or --reference")
+    if args.eval_loss:
+        if not args.source or str(args.source).endswith(".npz"):
+            p.error("--eval-loss needs a run directory or checkpoint")
+        print(f"{args.source}: eval loss {eval_loss(args.source):.5f}")
+        return 0
     net = train_judge(verbose=not args.json)
     if args.table:
         if not args.source or str(args.source).endswith(".npz"):
