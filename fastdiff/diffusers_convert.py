@@ -375,6 +375,21 @@ def _as_linear(w: torch.Tensor, key: str) -> torch.Tensor:
     return w
 
 
+def _renamed_keys(f: str, d: str, kind: str, has_skip: bool):
+    """(fastdiff key, diffusers key) of every tensor that moves unchanged between the two
+    layouts in module pair (f, d) of ``_module_pairs``; an attention block's q/k/v and output
+    projection change shape and are converted by the callers."""
+    if kind == "plain":
+        subs = [("", "")]
+    elif kind == "res":
+        subs = [(f".{fs}", f".{ds}") for fs, ds in _RES if fs != "skip" or has_skip]
+    else:
+        subs = [(".norm", ".group_norm")]
+    for fs, ds in subs:
+        for p in ("weight", "bias"):
+            yield f"{f}{fs}.{p}", f"{d}{ds}.{p}"
+
+
 def state_dict_from_diffusers(
     state: Mapping[str, torch.Tensor], config: Mapping[str, Any]
 ) -> dict[str, torch.Tensor]:
@@ -382,32 +397,22 @@ def state_dict_from_diffusers(
     src = _Source(state, "diffusers weights")
     out: dict[str, torch.Tensor] = {}
     for f, d, kind in _module_pairs(config):
-        if kind == "plain":
-            for p in ("weight", "bias"):
-                out[f"{f}.{p}"] = src.take(f"{d}.{p}")
-        elif kind == "res":
-            for fs, ds in _RES:
-                if fs == "skip" and not src.has(f"{d}.{ds}.weight"):
-                    continue
-                for p in ("weight", "bias"):
-                    out[f"{f}.{fs}.{p}"] = src.take(f"{d}.{ds}.{p}")
-        else:
-            for p in ("weight", "bias"):
-                out[f"{f}.norm.{p}"] = src.take(f"{d}.group_norm.{p}")
-            q, k, v = (
-                _as_linear(src.take(f"{d}.{new}.weight", f"{d}.{old}.weight"), f"{d}.{new}")
-                for new, old in zip(_QKV, _QKV_LEGACY, strict=True)
-            )
-            out[f"{f}.qkv.weight"] = torch.cat([q, k, v])[:, :, None, None]
-            out[f"{f}.qkv.bias"] = torch.cat(
-                [
-                    src.take(f"{d}.{new}.bias", f"{d}.{old}.bias")
-                    for new, old in zip(_QKV, _QKV_LEGACY, strict=True)
-                ]
-            )
-            w = src.take(f"{d}.to_out.0.weight", f"{d}.proj_attn.weight")
-            out[f"{f}.proj_out.weight"] = _as_linear(w, f"{d}.to_out.0")[:, :, None, None]
-            out[f"{f}.proj_out.bias"] = src.take(f"{d}.to_out.0.bias", f"{d}.proj_attn.bias")
+        for fk, dk in _renamed_keys(f, d, kind, src.has(f"{d}.conv_shortcut.weight")):
+            out[fk] = src.take(dk)
+        if kind != "attn":
+            continue
+        names = list(zip(_QKV, _QKV_LEGACY, strict=True))
+        q, k, v = (
+            _as_linear(src.take(f"{d}.{new}.weight", f"{d}.{old}.weight"), f"{d}.{new}")
+            for new, old in names
+        )
+        out[f"{f}.qkv.weight"] = torch.cat([q, k, v])[:, :, None, None]
+        out[f"{f}.qkv.bias"] = torch.cat(
+            [src.take(f"{d}.{new}.bias", f"{d}.{old}.bias") for new, old in names]
+        )
+        w = src.take(f"{d}.to_out.0.weight", f"{d}.proj_attn.weight")
+        out[f"{f}.proj_out.weight"] = _as_linear(w, f"{d}.to_out.0")[:, :, None, None]
+        out[f"{f}.proj_out.bias"] = src.take(f"{d}.to_out.0.bias", f"{d}.proj_attn.bias")
     src.finish()
     return out
 
@@ -419,25 +424,17 @@ def state_dict_to_diffusers(
     src = _Source(state, "fastdiff weights")
     out: dict[str, torch.Tensor] = {}
     for f, d, kind in _module_pairs(config):
-        if kind == "plain":
-            for p in ("weight", "bias"):
-                out[f"{d}.{p}"] = src.take(f"{f}.{p}")
-        elif kind == "res":
-            for fs, ds in _RES:
-                if fs == "skip" and not src.has(f"{f}.skip.weight"):
-                    continue
-                for p in ("weight", "bias"):
-                    out[f"{d}.{ds}.{p}"] = src.take(f"{f}.{fs}.{p}")
-        else:
-            for p in ("weight", "bias"):
-                out[f"{d}.group_norm.{p}"] = src.take(f"{f}.norm.{p}")
-            w = src.take(f"{f}.qkv.weight")
-            b = src.take(f"{f}.qkv.bias")
-            for name, wi, bi in zip(_QKV, w.flatten(1).chunk(3), b.chunk(3), strict=True):
-                out[f"{d}.{name}.weight"] = wi
-                out[f"{d}.{name}.bias"] = bi
-            out[f"{d}.to_out.0.weight"] = src.take(f"{f}.proj_out.weight").flatten(1)
-            out[f"{d}.to_out.0.bias"] = src.take(f"{f}.proj_out.bias")
+        for fk, dk in _renamed_keys(f, d, kind, src.has(f"{f}.skip.weight")):
+            out[dk] = src.take(fk)
+        if kind != "attn":
+            continue
+        w = src.take(f"{f}.qkv.weight")
+        b = src.take(f"{f}.qkv.bias")
+        for name, wi, bi in zip(_QKV, w.flatten(1).chunk(3), b.chunk(3), strict=True):
+            out[f"{d}.{name}.weight"] = wi
+            out[f"{d}.{name}.bias"] = bi
+        out[f"{d}.to_out.0.weight"] = src.take(f"{f}.proj_out.weight").flatten(1)
+        out[f"{d}.to_out.0.bias"] = src.take(f"{f}.proj_out.bias")
     src.finish()
     return out
 

@@ -43,7 +43,6 @@ import math
 
 import torch
 
-from . import ops
 from .data import InMemoryBatches
 from .precision import memory_format
 from .profiling import phase
@@ -275,20 +274,10 @@ class GraphStep:
                 0, run.schedule.T, (x.shape[0],), device=run.device, generator=run.t_gen
             )
             run.seed_buf.copy_(step_seed(k, cfg.seed, run.dist.rank, run.dist.world))
-        with phase("noising"):
-            z = ops.q_sample(x, t, run.schedule, seed=run.seed_buf, validate=False)
-        with phase("forward"), run.prec.autocast(run.device, cache=False):
-            pred = run.net(z, t)
-        with phase("loss"):
-            loss = ops.noise_loss(pred, t, seed=run.seed_buf, validate=False)
-        with phase("backward"):
-            run.scaler.scale(loss).backward()
+        loss = run.loss_backward(x, t, autocast_cache=False)
         with phase("optimizer"):
             self.lr.copy_(lr_schedule(k, cfg.lr, cfg.warmup_steps, cfg.lr_schedule, cfg.steps))
-            run.scaler.unscale_(run.optimizer)
-            torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip, foreach=True)
-            run.scaler.step(run.optimizer)
-            run.scaler.update()
+            run.clipped_update()
         with phase("EMA"):
             run.ema.update_with((1.0 - ema_decay(k, run.ema.decay)).float())
         run.losses.index_copy_(0, (k % cfg.log_every).reshape(1), loss.detach().reshape(1))

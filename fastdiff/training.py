@@ -386,6 +386,29 @@ class _Run:
             train_graph.lr_schedule(k, cfg.lr, cfg.warmup_steps, cfg.lr_schedule, cfg.steps)
         )
 
+    def loss_backward(self, x: torch.Tensor, t: torch.Tensor, autocast_cache: bool = True):
+        """Algorithm 20.1's loss for clean images x (N, C, H, W) at steps t (N,), with the
+        noise of ``seed_buf``: z_t = q_sample(x, t), loss = noise_loss(model(z_t, t)); runs the
+        (scaled) backward and returns the loss (a 0-d tensor).  Shared by the eager step and
+        the captured one (train_graph, which turns off autocast's weight cache)."""
+        with phase("noising"):
+            z = ops.q_sample(x, t, self.schedule, seed=self.seed_buf, validate=False)
+        with phase("forward"), self.prec.autocast(self.device, cache=autocast_cache):
+            pred = self.net(z, t)
+        with phase("loss"):
+            loss = ops.noise_loss(pred, t, seed=self.seed_buf, validate=False)
+        with phase("backward"):
+            self.scaler.scale(loss).backward()
+        return loss
+
+    def clipped_update(self) -> None:
+        """Unscale the gradients, clip their global norm to ``grad_clip``, take the optimizer
+        step (skipped by the GradScaler on inf/NaN) and update the scale."""
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip, foreach=True)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
     def train_step(self) -> None:
         if self.graph_step is not None:  # the same step, device-resident and replayed
             self.graph_step.step()
@@ -400,21 +423,11 @@ class _Run:
                 0, self.schedule.T, (x.shape[0],), device=self.device, generator=self.t_gen
             )
             self.seed_buf.fill_(step_seed(cfg.seed, k, self.dist.rank, self.dist.world))
-        with phase("noising"):
-            z = ops.q_sample(x, t, self.schedule, seed=self.seed_buf, validate=False)
-        with phase("forward"), self.prec.autocast(self.device):
-            pred = self.net(z, t)
-        with phase("loss"):
-            loss = ops.noise_loss(pred, t, seed=self.seed_buf, validate=False)
-        with phase("backward"):
-            self.scaler.scale(loss).backward()
+        loss = self.loss_backward(x, t)
         with phase("optimizer"):
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr_at(k)
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip, foreach=True)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            self.clipped_update()
             self.optimizer.zero_grad(set_to_none=True)
         with phase("EMA"):
             self.ema.update(k)
