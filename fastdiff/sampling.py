@@ -155,25 +155,29 @@ class Sampler:
         """Capture the step once for this batch size (cached), then replay it per step;
         ``on_step()`` is called after each replay is queued (the GPU may still be behind)."""
         B = z0.shape[0]
-        if B not in self._graphs:
-            self._graphs[B] = self._capture(torch.empty_like(z0))
-        graph, buf = self._graphs[B]
-        buf.z.copy_(z0)
-        buf.t.fill_(self.timesteps[0])
-        buf.seed.fill_(seed)
-        for _ in range(self.num_steps):
-            graph.replay()
-            if on_step is not None:
-                on_step()
-        return buf.z.clone()
+        with torch.cuda.device(z0.device):  # streams and capture on z0's GPU, not the current
+            if B not in self._graphs:
+                self._graphs[B] = self._capture(torch.empty_like(z0))
+            graph, buf = self._graphs[B]
+            buf.z.copy_(z0)
+            buf.t.fill_(self.timesteps[0])
+            buf.seed.fill_(seed)
+            for _ in range(self.num_steps):
+                graph.replay()
+                if on_step is not None:
+                    on_step()
+            return buf.z.clone()
 
     def _capture(self, z: torch.Tensor):
-        buf = StepBuffers(z.normal_(), self.timesteps[0], 0)
+        # A private generator: the default one (training's dropout stream) stays untouched.
+        z.normal_(generator=torch.Generator(z.device).manual_seed(0))
+        buf = StepBuffers(z, self.timesteps[0], 0)
         snap = buf.snapshot()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: autotuning and lazy init happen outside capture
-            for _ in range(3):
+            for _ in range(3):  # each from the first step: t stays in range however few steps
+                buf.restore(snap)
                 self.step(buf)
         torch.cuda.current_stream().wait_stream(side)
         buf.restore(snap)

@@ -205,6 +205,9 @@ class GraphStep:
         self._eager_left = WARMUP_STEPS
         self._bound: tuple | None = None  # (param_groups, state) the lr tensor is bound into
         self._stream = torch.cuda.Stream(dev) if self.capture else None
+        # The weights a replay rewrites in place (the model's and the EMA's), see step().
+        shadow = run.ema.shadow
+        self._written = [*run.model.parameters(), *shadow.parameters(), *shadow.buffers()]
 
     def step(self) -> None:
         """One training step (the caller advances ``run.step``)."""
@@ -217,9 +220,14 @@ class GraphStep:
             self.inputs.prepare()
             if self.graph is not None:
                 self.graph.replay()
+                # A replay writes through raw pointers, so unlike an eager step it does not
+                # bump the tensors' version counters; do it, or caches keyed on them (the bf16
+                # sampling copy, fastdiff.low_precision) keep serving the old weights.
+                torch.autograd.graph.increment_version(self._written)
             else:
                 self._eager()
-                if self.capture and self._eager_left == 0:
+                # No capture for a run that ends with this step (nothing would replay it).
+                if self.capture and self._eager_left == 0 and run.step + 1 < run.cfg.steps:
                     self._capture()
             self._counter_step = run.step + 1
 

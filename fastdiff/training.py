@@ -512,6 +512,8 @@ class _Run:
             bar.close()
             if metrics is not None:
                 metrics.close()
+            # Under a CUDA graph the grads live in the graph's private pool: let it go.
+            self.optimizer.zero_grad(set_to_none=True)
         diffusion = self.diffusion()
         if writes and cfg.steps > 0:
             self._write(self._save_grid, out / SAMPLES_FILE, diffusion, what="sample grid")
@@ -595,6 +597,9 @@ class _Run:
         images = diffusion.sample(
             self.cfg.n_samples,
             seed=self.cfg.seed,
+            # The training layout: sample() may convert a module it samples in place, and the
+            # captured training step holds the weights' addresses.
+            channels_last=self.channels_last,
             variance=self.cfg.variance,
             sampler=self.cfg.sample_sampler,
             steps=self.cfg.sample_steps,

@@ -134,3 +134,63 @@ def test_cuda_graph_matches_eager():
         rtol=1e-3,
         atol=1e-3,
     )
+
+
+class _EmulatedCapture:
+    """torch.cuda's stream and graph API on CPU: a capture runs nothing and records the
+    sampler's step; a replay runs it.  Every executed step's t is recorded."""
+
+    def __init__(self, monkeypatch, sampler):
+        from contextlib import contextmanager, nullcontext
+
+        self.capturing, self.ts = False, []
+        real_step = sampler.step
+
+        def step(buf):
+            if self.capturing:
+                self.graph.body = lambda: real_step(buf)
+                return
+            self.ts.extend(buf.t.tolist())
+            real_step(buf)
+
+        class Graph:
+            def replay(graph):
+                graph.body()
+
+        @contextmanager
+        def graph(g):
+            self.graph, self.capturing = g, True
+            yield
+            self.capturing = False
+
+        class Stream:
+            def wait_stream(self, other):
+                pass
+
+        monkeypatch.setattr(sampler, "step", step)
+        for name, fake in [("Stream", Stream), ("current_stream", Stream), ("CUDAGraph", Graph),
+                           ("graph", graph), ("stream", lambda s: nullcontext()),
+                           ("device", lambda d: nullcontext())]:  # fmt: skip
+            monkeypatch.setattr(torch.cuda, name, fake)
+
+
+@pytest.mark.parametrize("T,kind,steps", [(2, "ddpm", None), (20, "ddpm", None), (20, "ddim", 2)])
+def test_graph_path_emulated_on_cpu_replays_the_eager_chain(monkeypatch, T, kind, steps):
+    """The capture's warm-up never steps past t = 0 (T = 2: three warm-up steps of a 2-step
+    chain), draws nothing from the default generator, and capture + replays give the eager
+    chain's samples."""
+    from fastdiff.precision import resolve_precision
+    from fastdiff.sampling import Sampler, StepBuffers
+
+    d = gaussian_diffusion(0.1, 0.5, T=T)
+    sampler = Sampler(d.model, d.schedule, precision=resolve_precision("fp32", torch.device("cpu")),
+                      channels_last=False, sampler=kind, steps=steps)  # fmt: skip
+    z0 = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    eager = sampler.run_eager(StepBuffers(z0.clone(), sampler.timesteps[0], 5)).clone()
+    fake = _EmulatedCapture(monkeypatch, sampler)
+    rng = torch.get_rng_state()
+    graph = sampler.run_graph(z0, 5)
+    assert torch.equal(torch.get_rng_state(), rng)  # the default generator (dropout) untouched
+    assert fake.ts and min(fake.ts) >= 0 and max(fake.ts) <= T - 1
+    assert torch.equal(graph, eager)
+    assert torch.equal(sampler.run_graph(z0, 5), eager)  # the cached graph, replayed again

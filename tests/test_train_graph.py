@@ -20,6 +20,7 @@ from fastdiff import cli, train_graph, training
 from fastdiff.data import InMemoryBatches, StreamingBatches, resolve_data
 from fastdiff.distributed import DistInfo
 from fastdiff.ema import EMA
+from fastdiff.low_precision import sampling_model
 from fastdiff.precision import memory_format, resolve_precision
 from fastdiff.schedule import NoiseSchedule
 from fastdiff.training import TrainConfig, _Run, model_for_data
@@ -163,6 +164,28 @@ def test_device_step_equals_the_eager_step(graph_on_cpu, source):
     group = device.optimizer.param_groups[0]
     assert group["lr"] is device.graph_step.lr and group["capturable"] and group["fused"]
     assert torch.equal(group["lr"], torch.tensor(eager.lr_at(6), dtype=torch.float32))
+
+
+def test_replays_bump_the_weights_versions(graph_on_cpu):
+    """A replay writes the weights without autograd seeing it; the step then bumps their
+    version counters as an eager step would, so the bf16 sampling copy (cached on them) is
+    made again from the new EMA weights instead of being served stale."""
+    run = _run_steps(make_run(tiny_data(n=20), graph=True), train_graph.WARMUP_STEPS)
+    shadow = run.ema.shadow
+
+    class Replay:  # the captured graph's stand-in: rewrites the weights in place
+        def replay(self):
+            with torch.no_grad():  # through .data: a separate version counter, like a kernel
+                for p in (*run.model.parameters(), *shadow.parameters()):
+                    p.data.add_(0.25)
+
+    run.graph_step.graph = Replay()
+    bf16, cuda = resolve_precision("bf16", torch.device("cpu")), torch.device("cuda")
+    first = sampling_model(shadow, bf16, cuda, channels_last=False)
+    run.train_step()
+    second = sampling_model(shadow, bf16, cuda, channels_last=False)
+    assert run.step == train_graph.WARMUP_STEPS + 1 and second is not first
+    torch.testing.assert_close(second.conv_in.bias.float(), shadow.conv_in.bias, rtol=2**-8, atol=0)
 
 
 @pytest.mark.slow
