@@ -60,7 +60,7 @@ def q_sample_triton(
         x_ptr=x,
         noise_ptr=noise if noise is not None else x,
         out_ptr=out,
-        t_ptr=t,
+        t_ptr=t.contiguous(),  # the kernel reads t[n] at t_ptr + n
         sqrt_ac_ptr=sqrt_ac,
         sqrt_1m_ac_ptr=sqrt_1m_ac,
         seed_ptr=seed_tensor(0 if seed is None else seed, x.device),

@@ -80,6 +80,10 @@ def reverse_step_triton(
     fp32 (T,), turns on x0 clipping.
     """
     z = dense(z)
+    if out is not None and (out.shape != z.shape or out.stride() != z.stride()):
+        # the kernel writes z's dense layout; any other ``out`` gets the result copied in
+        result = reverse_step_triton(z, pred, t, coef_z, coef_eps, sigma, noise, seed, clip=clip)
+        return out.copy_(result)
     if out is None:
         out = torch.empty_like(z)
     launch(
@@ -90,7 +94,7 @@ def reverse_step_triton(
         pred_ptr=same_layout(pred, z),
         noise_ptr=same_layout(noise, z) if noise is not None else z,
         out_ptr=out,
-        t_ptr=t,
+        t_ptr=t.contiguous(),  # the kernel reads t[n] at t_ptr + n
         coef_z_ptr=coef_z,
         coef_eps_ptr=coef_eps,
         sigma_ptr=sigma,

@@ -191,6 +191,36 @@ def test_reverse_step_writes_into_out(monkeypatch, triton_backend):
     torch.testing.assert_close(buf, want)
 
 
+def test_reverse_step_into_out_of_another_layout(monkeypatch):
+    """out channels_last for a contiguous z (and the reverse): out keeps its layout, values
+    as the reference writes them (the kernel itself writes z's layout)."""
+    for z_layout, out_layout in (("contiguous", "channels_last"), ("channels_last", "contiguous")):
+        (z, pred, noise), t = inputs((2, 3, 4, 4), torch.float32, z_layout, n=3)
+        want = ops.reverse_step(z, pred, t, SCHEDULE, noise)
+        for backend in ("triton", "reference"):
+            monkeypatch.setenv("FASTDIFF_BACKEND", backend)
+            out = with_layout(torch.zeros_like(z), out_layout)
+            result = ops.reverse_step(z, pred, t, SCHEDULE, noise, out=out)
+            assert result.data_ptr() == out.data_ptr() and is_layout(out, out_layout)
+            torch.testing.assert_close(out, want, **TOLERANCE[torch.float32])
+
+
+def test_strided_t_is_read_by_index(monkeypatch):
+    """t (B,) with a stride other than 1 (a slice, an expanded step): each sample still gets
+    its own t[n]."""
+    (x, z, pred, noise), t = inputs((3, 2, 4, 4), torch.float32, "contiguous", n=4)
+    strided = torch.stack([t, torch.zeros_like(t)], dim=1)[:, 0]
+    expanded = torch.tensor([7], device=DEVICE).expand(3)
+    for steps in (strided, expanded):
+        assert steps.stride() != (1,)
+        for fn in (
+            lambda s: ops.q_sample(x, s, SCHEDULE, noise),
+            lambda s: ops.reverse_step(z, pred, s, SCHEDULE, noise),
+        ):
+            got, want = both_backends(monkeypatch, lambda: fn(steps))  # noqa: B023
+            torch.testing.assert_close(got, want, **TOLERANCE[torch.float32])
+
+
 def test_seed_from_device_tensor(triton_backend):
     (x,), t = inputs((2, 3, 4, 4), torch.float32, "contiguous", n=1)
     from_int = ops.q_sample(x, t, SCHEDULE, seed=77)
