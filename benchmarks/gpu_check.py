@@ -1,11 +1,11 @@
 """One GPU check: tests on CUDA, CUDA-graph sampling == eager, device times, one table.
 
-    python benchmarks/gpu_check.py [--out DIR] [--budget-s 290]
+    python benchmarks/gpu_check.py [--out DIR] [--budget-s S] [--full]
 
 Run it on one NVIDIA GPU with fastdiff installed (wheel or editable) and its test extra; it
-takes under 5 minutes and prints one table.  Each part runs in its own subprocess with its own
-time limit and log file in ``--out`` (default ``gpu_check_out/``), so a hang or a crash in one
-part still leaves the others' results:
+takes under 5 minutes (``--full``: about 10) and prints one table.  Each part runs in its own
+subprocess with its own time limit and log file in ``--out`` (default ``gpu_check_out/``), so
+a hang or a crash in one part still leaves the others' results:
 
 1. ``env``: GPU, driver, torch / triton / fastdiff versions and where fastdiff is imported from.
 2. ``tests``: the kernel and CUDA tests (compiled Triton kernels on CUDA tensors instead of the
@@ -13,9 +13,14 @@ part still leaves the others' results:
    fastdiff is what runs.
 3. ``graph``: a digits-preset U-Net sampled with the CUDA graph and eagerly for one seed; the
    images must be equal (max |difference| printed).
-4. ``bench``: ``pytest benchmarks/ --benchmark-only -k cuda`` with a JSON report, summarised
-   as one row per benchmark (median time and the extra_info figures: GB/s, % of copy,
-   images/s, ms/step).
+4. the CUDA benchmarks, most wanted first, each part its own pytest run with its own JSON
+   report and time share (a part cut by its limit keeps the earlier parts' rows):
+   ``bench-ops`` (device time, GB/s and % of copy of every op), ``bench-train`` (the training
+   step, bf16 channels_last: graph / eager / eager torch, cifar10 and digits presets),
+   ``bench-sample`` (s/step against batch size); with ``--full`` also ``bench-diffusers`` and
+   ``bench-train-more`` (fp32, fp16, contiguous, compile=True).  Summarised as one row per
+   benchmark (median time and the extra_info figures: GB/s, % of copy, images/s, ms/step).
+   ``--bench-k EXPR`` instead runs one part, ``bench``: all of benchmarks/ with ``-k EXPR``.
 
 ``--smoke`` runs the same parts on the CPU, small (how the test suite checks this script).
 Exit status: 0 when every part passed, 1 otherwise.
@@ -43,6 +48,19 @@ CUDA_TESTS = [
     "tests/test_training.py::test_cuda_hot_loop_does_not_synchronise",
     "tests/test_train_graph.py",
 ]
+#: (part, benchmark file, pytest -k, seconds at most), most wanted first.
+_TRAIN_CORE = "test_train_step and cuda and bf16 and channels_last and not compile"
+BENCH_PARTS = [
+    ("bench-ops", "test_bench_ops.py", "cuda", 100),
+    ("bench-train", "test_bench_train_sample.py", _TRAIN_CORE, 90),
+    ("bench-sample", "test_bench_train_sample.py", "test_sample and cuda", 60),
+]
+#: What ``--full`` adds after them.
+FULL_PARTS = [
+    ("bench-diffusers", "test_bench_diffusers.py", "cuda", 150),
+    ("bench-train-more", "test_bench_train_sample.py",
+     f"test_train_step and cuda and not ({_TRAIN_CORE})", 300),
+]  # fmt: skip
 #: extra_info keys worth a column, in order (benchmarks may record any subset).
 FIGURES = [
     ("device_us", "device us"),
@@ -147,16 +165,24 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="gpu_check_out", help="log directory [gpu_check_out]")
-    parser.add_argument("--budget-s", type=float, default=290, help="total time limit [290]")
-    parser.add_argument("--bench-k", default=None, help="pytest -k for the benchmarks [cuda]")
+    parser.add_argument(
+        "--budget-s", type=float, default=None, help="total time limit [290; --full: 600]"
+    )
+    parser.add_argument(
+        "--bench-k", default=None, help="one benchmark part: all of benchmarks/ with pytest -k"
+    )
+    parser.add_argument(
+        "--full", action="store_true", help="also diffusers and the other training variants"
+    )
     parser.add_argument("--smoke", action="store_true", help="run the parts on the CPU, small")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    deadline = time.perf_counter() + args.budget_s
+    budget = args.budget_s or (600 if args.full else 290)
+    deadline = time.perf_counter() + budget
     py = sys.executable
     device = "cpu" if args.smoke else "cuda"
-    bench_k = args.bench_k or ("cpu" if args.smoke else "cuda")
+    bench_k = args.bench_k or ("cpu" if args.smoke else None)
     results = []
 
     with tempfile.TemporaryDirectory() as cwd_name:  # outside the checkout's root
@@ -185,28 +211,39 @@ def main(argv=None) -> int:
                 cwd,
             )
         )
-        report = out / "bench.json"
-        bench_cmd = [
-            py, "-m", "pytest", str(ROOT / "benchmarks"), "--benchmark-only", "-q",
-            "-p", "no:cacheprovider", "-k", bench_k, f"--benchmark-json={report}",
-            "--benchmark-max-time=0.2", "--benchmark-min-rounds=3",
-        ]  # fmt: skip
-        if args.smoke:
-            bench_cmd += ["--benchmark-disable-gc", "-x"]
-        results.append(run_part("bench", bench_cmd, out, left(240), cwd))
+        if bench_k is not None:
+            parts = [("bench", "", bench_k, 240)]
+        else:
+            parts = BENCH_PARTS + (FULL_PARTS if args.full else [])
+        reports = []
+        for name, path, k, share in parts:
+            report = out / f"{name}.json"
+            report.unlink(missing_ok=True)  # a stale report of an earlier run is no result
+            bench_cmd = [
+                py, "-m", "pytest", str(ROOT / "benchmarks" / path), "--benchmark-only", "-q",
+                "-p", "no:cacheprovider", "-k", k, f"--benchmark-json={report}",
+                "--benchmark-max-time=0.2", "--benchmark-min-rounds=3",
+            ]  # fmt: skip
+            if args.smoke:
+                bench_cmd += ["--benchmark-disable-gc", "-x"]
+            results.append(run_part(name, bench_cmd, out, left(share), cwd))
+            reports.append(report)
 
     notes = {
         "env": ", ".join(f"{k}={v}" for k, v in env.items()),
-        "tests": pytest_summary(out / "tests.log"),
         "graph": json.dumps(last_json_line(out / "graph.log")),
-        "bench": pytest_summary(out / "bench.log"),
     }
-    summary = [[r["part"], r["status"], f"{r['seconds']:.0f} s", notes[r["part"]]] for r in results]
+    summary = [
+        [r["part"], r["status"], f"{r['seconds']:.0f} s",
+         notes.get(r["part"]) or pytest_summary(r["log"])]
+        for r in results
+    ]  # fmt: skip
     print(format_table(["part", "status", "time", "result"], summary))
-    if report.exists():
+    rows = [row for report in reports if report.exists() for row in bench_rows(report)]
+    if rows:
         print()
         header = ["benchmark", "median", *[label for _, label in FIGURES]]
-        print(format_table(header, bench_rows(report)))
+        print(format_table(header, rows))
     print(f"\nlogs: {out}")
     return 0 if all(r["status"] == "pass" for r in results) else 1
 

@@ -245,7 +245,12 @@ def layout_args(x: torch.Tensor, seeded: bool = True) -> dict:
     per_thread = 4 if per_element_noise else ELEMS_PER_THREAD
     rows_needed = max(1, triton.cdiv(n_per, W * nch))
     rows_per_thread = max(1, per_thread // (W * nch))
-    rows = min(rows_per_thread * 32 * MAX_WARPS, triton.next_power_of_2(rows_needed))
+    # At least one warp's worth of rows: a smaller tile only masks lanes of that warp, and
+    # every distinct ROWS is another compile (small tensors would each get their own).
+    rows = min(
+        rows_per_thread * 32 * MAX_WARPS,
+        max(rows_per_thread * 32, triton.next_power_of_2(rows_needed)),
+    )
     warps = max(1, min(MAX_WARPS, rows // (32 * rows_per_thread)))
     blocks = triton.cdiv(rows_needed, rows) if n_per else 0
     return {
