@@ -460,6 +460,8 @@ def noise_loss(
         fp32 loss (fp64 for fp64 pred), differentiable w.r.t. pred (and noise).
     """
     _check_images("pred", pred)
+    if pred.numel() == 0:  # a mean over no elements
+        raise ValueError(f"pred: expected a non-empty batch, got shape {tuple(pred.shape)}")
     _check_t(t, pred, None, False)
     if validate and t.numel() and int(t.min()) < 0:
         raise ValueError(f"t: step indices must be >= 0, got {int(t.min())}")

@@ -46,6 +46,7 @@ def backend(request, monkeypatch):
         (lambda: ops.noise_loss(X, T, seed=0, reduction="sum"), ValueError, "reduction"),
         (lambda: ops.noise_loss(X, T, seed=0, weights=torch.ones(3)), ValueError, "weights"),
         (lambda: ops.noise_loss(X, T), ValueError, "exactly one"),
+        (lambda: ops.noise_loss(X[:0], T[:0], seed=0), ValueError, "pred: expected a non-empty"),
         (lambda: ops.noise_loss(X, T[:1], seed=0), ValueError, "t: expected shape"),
         (lambda: ops.reverse_step(X, X[:1], T, S, seed=0), ValueError, "pred: expected the shape"),
         (lambda: ops.reverse_step(X, X, T, S, seed=0, variance="fixed"), ValueError, "variance"),
