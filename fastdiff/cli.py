@@ -430,5 +430,11 @@ def main(argv=None) -> int:
         distributed.teardown()  # a process group train() made ends before the interpreter
 
 
+def run() -> None:
+    """The ``fastdiff`` command: ``main()``, then the process's exit (see
+    ``distributed.exit_process``: after multi-process training it skips exit-time destructors)."""
+    distributed.exit_process(main())
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    run()

@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 
 import fastdiff
 from fastdiff import checkpoint as ckpt
+from fastdiff import distributed
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")
 
@@ -53,6 +54,9 @@ def worker(rank, world, port, out_dir, steps, resume, result_dir):
     )
     torch.save(d.model.state_dict(), os.path.join(result_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
+    # As the fastdiff command ends: past the exit-time destructors that can abort a gloo
+    # process (fastdiff.distributed.exit_process).
+    distributed.exit_process(0)
 
 
 def launch(out_dir, steps, result_dir, resume=False, world=2):
@@ -99,3 +103,17 @@ def test_resume_with_another_world_size_is_refused(tmp_path):
             progress=False,
             precision="fp32",
         )
+
+
+def test_exit_after_a_process_group_flushes_and_keeps_the_status():
+    """The command's exit after multi-process training (os._exit past the exit-time C++
+    destructors) still delivers buffered output and the status."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from fastdiff import distributed; distributed._joined = True;"
+        " print('kept', end=''); sys.stderr.write('err'); distributed.exit_process(7)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (7, "kept", "err")
