@@ -24,6 +24,7 @@ from . import distributed
 from .errors import FastDiffError
 from .precision import PRECISIONS
 from .preemption import TrainingInterrupted
+from .training import LR_SCHEDULES
 
 #: Defaults of ``fastdiff train`` with no arguments: the built-in digits, under 10 minutes on
 #: a 2-core CPU including the final 64-image sample grid.  Chosen by measurement with the digits
@@ -75,7 +76,7 @@ def _add_train(sub) -> None:
     p.add_argument(
         "--lr-schedule",
         default=DEFAULT_LR_SCHEDULE,
-        choices=["constant", "cosine"],
+        choices=LR_SCHEDULES,
         help=f"after the warm-up: constant, or cosine to 0 at --steps [{DEFAULT_LR_SCHEDULE}]",
     )
     p.add_argument(

@@ -205,9 +205,10 @@ class GraphStep:
         self._eager_left = WARMUP_STEPS
         self._bound: tuple | None = None  # (param_groups, state) the lr tensor is bound into
         self._stream = torch.cuda.Stream(dev) if self.capture else None
-        # The weights a replay rewrites in place (the model's and the EMA's), see step().
+        # The weights a replay rewrites in place (the model's and the EMA's): see publish().
         shadow = run.ema.shadow
         self._written = [*run.model.parameters(), *shadow.parameters(), *shadow.buffers()]
+        self._replayed = False
 
     def step(self) -> None:
         """One training step (the caller advances ``run.step``)."""
@@ -220,16 +221,25 @@ class GraphStep:
             self.inputs.prepare()
             if self.graph is not None:
                 self.graph.replay()
-                # A replay writes through raw pointers, so unlike an eager step it does not
-                # bump the tensors' version counters; do it, or caches keyed on them (the bf16
-                # sampling copy, fastdiff.low_precision) keep serving the old weights.
-                torch.autograd.graph.increment_version(self._written)
+                self._replayed = True
             else:
                 self._eager()
                 # No capture for a run that ends with this step (nothing would replay it).
                 if self.capture and self._eager_left == 0 and run.step + 1 < run.cfg.steps:
                     self._capture()
             self._counter_step = run.step + 1
+
+    def publish(self) -> None:
+        """Make replayed weight updates visible to caches keyed on version counters.
+
+        A replay writes through raw pointers, so unlike an eager step it does not bump the
+        tensors' version counters, and the bf16 sampling copy (fastdiff.low_precision) would
+        keep serving old weights.  Bumping them costs ~15 us for 500 tensors, so it is done
+        here, when the weights are handed out (``_Run.diffusion``), not on every step.
+        """
+        if self._replayed:
+            torch.autograd.graph.increment_version(self._written)
+            self._replayed = False
 
     def _device(self):
         return torch.cuda.device(self.run.device) if self.capture else contextlib.nullcontext()

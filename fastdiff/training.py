@@ -581,6 +581,9 @@ class _Run:
     # -- outputs ----------------------------------------------------------------------------
 
     def diffusion(self) -> Diffusion:
+        """The run's model, EMA weights and schedule as a Diffusion (shares the tensors)."""
+        if self.graph_step is not None:
+            self.graph_step.publish()  # replayed updates become visible to weight caches
         config = {
             "train": {k: v for k, v in asdict(self.cfg).items() if k != "extra"},
             "precision": self.prec.name,

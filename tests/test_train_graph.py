@@ -167,9 +167,10 @@ def test_device_step_equals_the_eager_step(graph_on_cpu, source):
 
 
 def test_replays_bump_the_weights_versions(graph_on_cpu):
-    """A replay writes the weights without autograd seeing it; the step then bumps their
-    version counters as an eager step would, so the bf16 sampling copy (cached on them) is
-    made again from the new EMA weights instead of being served stale."""
+    """A replay writes the weights without autograd seeing it; handing the weights out
+    (``_Run.diffusion``, what grids and train() use) bumps their version counters as an eager
+    step would, so the bf16 sampling copy (cached on them) is made again from the new EMA
+    weights instead of being served stale."""
     run = _run_steps(make_run(tiny_data(n=20), graph=True), train_graph.WARMUP_STEPS)
     shadow = run.ema.shadow
 
@@ -181,9 +182,9 @@ def test_replays_bump_the_weights_versions(graph_on_cpu):
 
     run.graph_step.graph = Replay()
     bf16, cuda = resolve_precision("bf16", torch.device("cpu")), torch.device("cuda")
-    first = sampling_model(shadow, bf16, cuda, channels_last=False)
+    first = sampling_model(run.diffusion().ema_model, bf16, cuda, channels_last=False)
     run.train_step()
-    second = sampling_model(shadow, bf16, cuda, channels_last=False)
+    second = sampling_model(run.diffusion().ema_model, bf16, cuda, channels_last=False)
     assert run.step == train_graph.WARMUP_STEPS + 1 and second is not first
     torch.testing.assert_close(second.conv_in.bias.float(), shadow.conv_in.bias, rtol=2**-8, atol=0)
 
