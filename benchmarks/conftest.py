@@ -5,6 +5,9 @@ i.e. the Triton kernels on CUDA tensors and the torch reference on CPU tensors (
 user on that device gets).  The Triton interpreter is a correctness tool, not a performance
 path, and is never benchmarked.
 
+Strict: ``FASTDIFF_STRICT`` defaults to 1 here, so a CUDA case whose graph cannot be captured
+fails instead of silently timing the eager fallback (fastdiff.cuda_graphs).
+
 Cases and ids.  A test that takes the fixtures ``case`` and ``impl`` runs for every case in
 CASES crossed with the two sides of the comparison: ``fastdiff_<backend>`` (the backend that
 default dispatch picks on that device: ``reference`` on CPU, ``triton`` on CUDA) and ``eager``
@@ -22,6 +25,9 @@ import pytest
 import torch
 
 from fastdiff import NoiseSchedule
+from fastdiff.cuda_graphs import STRICT_ENV
+
+os.environ.setdefault(STRICT_ENV, "1")  # a benchmark never times an eager fallback
 
 NO_CUDA_REASON = "CUDA is not available: the CUDA benchmark cases need a GPU"
 

@@ -8,6 +8,7 @@ Step indices are 0-based everywhere: ``i = t - 1`` in ``0..T-1`` (see fastdiff.s
 """
 
 from . import _checkout, ops  # noqa: F401  (_checkout first: mounts kernels/ in a checkout)
+from .cuda_graphs import GraphCaptureError
 from .diffusion import Diffusion, load, sample
 from .errors import OutputError
 from .images import save_image_grid
@@ -18,6 +19,7 @@ from .unet import UNet
 
 __all__ = [
     "Diffusion",
+    "GraphCaptureError",
     "NoiseSchedule",
     "OutputError",
     "TrainingInterrupted",

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import ops
+from . import cuda_graphs, ops
 from .errors import CheckpointError
 from .low_precision import sampling_model
 from .precision import resolve_channels_last, resolve_device, resolve_precision
@@ -201,6 +201,7 @@ def sample(
     channels_last=None,
     device=None,
     progress: bool = False,
+    strict: bool | None = None,
 ) -> torch.Tensor:
     """Draw n images with Algorithm 20.2 (the fused reverse step), (n, C, H, W) in [-1, 1].
 
@@ -226,7 +227,11 @@ def sample(
             (quality improves with more steps); ``"diffusers"`` keeps the model's eps, as
             diffusers' DDIMScheduler(clip_sample=True) does (drifts as steps grow).
         cuda_graph: on CUDA, capture one denoising step as a CUDA graph and replay it T times;
-            False runs the same step eagerly.  Ignored on CPU (always eager).
+            False runs the same step eagerly.  Where the step cannot be captured (DDIM with
+            eta > 0, the torch reference backend, a model that reads tensors on the host) it
+            runs eagerly after one log line.  Ignored on CPU (always eager).
+        strict: raise ``GraphCaptureError`` instead of that fallback (None: the
+            ``FASTDIFF_STRICT`` environment variable, off by default).
         precision: autocast for the model ("auto", "fp32", "bf16", "fp16"); default "auto":
             the fastest for the sampling device (see fastdiff.precision).  bf16 on CUDA runs
             a fastdiff UNet from a cached bf16 copy of its weights (fastdiff.low_precision).
@@ -244,6 +249,7 @@ def sample(
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, ()).item())
     batch_size = check_sample_args(n, batch_size, seed, steps, sampler, eta, diffusion.schedule.T)
+    strict = cuda_graphs.strict_mode(strict)
     if variance is None:
         variance = diffusion.sampling_default("variance", "beta")
     if clip_x0 is None:
@@ -276,6 +282,7 @@ def sample(
             batch_size=batch_size,
             cuda_graph=cuda_graph,
             progress=progress,
+            strict=strict,
         )
     finally:
         net.train(was_training)

@@ -47,22 +47,32 @@ _SEED_LIMIT = 2**63
 
 def backend_for(x: torch.Tensor) -> str:
     """``"triton"`` or ``"reference"``: the implementation that an op on x will use."""
+    if x.dtype == torch.float64:
+        return "reference"
+    return backend_on(x.device)
+
+
+def backend_on(device: torch.device) -> str:
+    """``"triton"`` or ``"reference"``: the implementation of an fp32/bf16/fp16 op on
+    ``device`` (what decides whether a step using the ops can be graph-captured there)."""
     choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
     if choice not in BACKENDS:
         raise ValueError(f"{BACKEND_ENV}: expected one of {BACKENDS}, got {choice!r}")
-    if choice == "reference" or x.dtype == torch.float64:
+    if choice == "reference":
         return "reference"
+    cuda = torch.device(device).type == "cuda"
     if choice == "triton":
-        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError(
-                f"{BACKEND_ENV}=triton on {x.device} tensors needs TRITON_INTERPRET=1 in the"
+                f"{BACKEND_ENV}=triton on {device} tensors needs TRITON_INTERPRET=1 in the"
                 " environment before triton is imported"
             )
         return "triton"
-    return "triton" if x.is_cuda and _triton_importable() else "reference"
+    return "triton" if cuda and triton_available() else "reference"
 
 
-def _triton_importable() -> bool:
+def triton_available() -> bool:
+    """Whether Triton can be imported (a CPU-only install may lack it)."""
     try:
         import triton  # noqa: F401
     except ImportError:

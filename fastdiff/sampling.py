@@ -24,7 +24,7 @@ import math
 import torch
 from torch import nn
 
-from . import ops
+from . import cuda_graphs, ops
 from .precision import Precision, memory_format
 from .profiling import phase
 from .progress import progress_bar
@@ -98,6 +98,7 @@ class Sampler:
         prev[self.timesteps[:-1]] = torch.tensor(self.timesteps[1:], dtype=torch.long)
         self.prev_step = prev.to(schedule.device)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, StepBuffers]] = {}
+        self.graph_failed = False  # a capture failed: this sampler runs eagerly from now on
 
     @property
     def num_steps(self) -> int:
@@ -107,6 +108,14 @@ class Sampler:
     def capturable(self) -> bool:
         """DDIM with eta > 0 draws its noise on the host (no DDIM kernel yet)."""
         return self.kind == "ddpm" or self.eta == 0.0
+
+    def graph_unavailable(self, device: torch.device) -> str | None:
+        """Why this sampler's step cannot be captured on ``device`` (None: it can)."""
+        if not self.capturable:
+            return "DDIM with eta > 0 draws its noise on the host"
+        if self.graph_failed:
+            return "an earlier capture of this sampler's step failed"
+        return cuda_graphs.unavailable_reason(device)
 
     def step(self, buf: StepBuffers) -> None:
         """One reverse step on the static buffers, advancing t and the seed in place."""
@@ -151,13 +160,23 @@ class Sampler:
                 on_step()
         return buf.z
 
-    def run_graph(self, z0: torch.Tensor, seed: int, on_step=None) -> torch.Tensor:
+    def run_graph(
+        self, z0: torch.Tensor, seed: int, on_step=None, strict: bool = False
+    ) -> torch.Tensor:
         """Capture the step once for this batch size (cached), then replay it per step;
-        ``on_step()`` is called after each replay is queued (the GPU may still be behind)."""
+        ``on_step()`` is called after each replay is queued (the GPU may still be behind).
+        If the capture fails (a model that cannot be captured), the chain runs eagerly from
+        z0 after one log line (``cuda_graphs.capture``), or raises when ``strict``."""
         B = z0.shape[0]
         with torch.cuda.device(z0.device):  # streams and capture on z0's GPU, not the current
-            if B not in self._graphs:
-                self._graphs[B] = self._capture(torch.empty_like(z0))
+            if B not in self._graphs and not self.graph_failed:
+                captured = self._capture(torch.empty_like(z0), strict)
+                if captured is None:
+                    self.graph_failed = True
+                else:
+                    self._graphs[B] = captured
+            if self.graph_failed:
+                return self.run_eager(StepBuffers(z0.clone(), self.timesteps[0], seed), on_step)
             graph, buf = self._graphs[B]
             buf.z.copy_(z0)
             buf.t.fill_(self.timesteps[0])
@@ -168,23 +187,24 @@ class Sampler:
                     on_step()
             return buf.z.clone()
 
-    def _capture(self, z: torch.Tensor):
+    def _capture(self, z: torch.Tensor, strict: bool):
+        """(graph, its static buffers) for latents shaped like z, or None if it failed."""
         # A private generator: the default one (training's dropout stream) stays untouched.
         z.normal_(generator=torch.Generator(z.device).manual_seed(0))
         buf = StepBuffers(z, self.timesteps[0], 0)
         snap = buf.snapshot()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: autotuning and lazy init happen outside capture
+
+        def warm_up():  # autotuning and lazy initialisation happen outside the capture
             for _ in range(3):  # each from the first step: t stays in range however few steps
                 buf.restore(snap)
                 self.step(buf)
-        torch.cuda.current_stream().wait_stream(side)
+
+        cuda_graphs.run_on(cuda_graphs.side_stream(z.device), warm_up, z.device)
         buf.restore(snap)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.step(buf)
-        return graph, buf
+        graph = cuda_graphs.capture(
+            lambda: self.step(buf), device=z.device, what="sampling: cuda_graph", strict=strict
+        )
+        return None if graph is None else (graph, buf)
 
 
 def sampling_timesteps(T: int, sampler: str, steps: int | None) -> list[int]:
@@ -212,9 +232,18 @@ def run_sampler(
     batch_size: int,
     cuda_graph: bool,
     progress: bool = False,
+    strict: bool = False,
 ) -> torch.Tensor:
-    """n images (n, C, H, W) in [-1, 1], float32 on ``device``, batch by batch."""
-    use_graph = cuda_graph and device.type == "cuda" and sampler.capturable
+    """n images (n, C, H, W) in [-1, 1], float32 on ``device``, batch by batch.
+
+    With ``cuda_graph`` on CUDA the step is captured and replayed (``Sampler.run_graph``);
+    where it cannot be, the chain runs eagerly after one log line, or raises when ``strict``.
+    """
+    use_graph = cuda_graph and cuda_graphs.on_cuda(device)
+    reason = sampler.graph_unavailable(device) if use_graph else None
+    if reason is not None:
+        cuda_graphs.fall_back("sampling: cuda_graph", reason, strict)
+        use_graph = False
     batches = math.ceil(n / batch_size)
     bar = progress_bar(batches * sampler.num_steps, desc="sampling", unit="step", enabled=progress)
     out = []
@@ -224,7 +253,7 @@ def run_sampler(
             z0 = initial_noise((size, *image_shape), device, seed, b, sampler.channels_last)
             step_seed = seed * _SEED_STRIDE + b * _BATCH_STRIDE
             if use_graph:
-                z = sampler.run_graph(z0, step_seed, on_step=bar.update)
+                z = sampler.run_graph(z0, step_seed, on_step=bar.update, strict=strict)
             else:
                 buf = StepBuffers(z0, sampler.timesteps[0], step_seed)
                 z = sampler.run_eager(buf, on_step=bar.update)

@@ -40,9 +40,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import weakref
 
 import torch
 
+from . import cuda_graphs
 from .data import InMemoryBatches
 from .precision import memory_format
 from .profiling import phase
@@ -95,28 +97,28 @@ def step_seed(step: torch.Tensor, run_seed: int, rank: int = 0, world: int = 1) 
 # -- when a run uses it -------------------------------------------------------------------------
 
 
-def graph_enabled(requested: bool, device: torch.device, dist) -> bool:
+#: What the log line and the strict-mode error of a training-step fallback name.
+WHAT = "training step: cuda_graph"
+
+
+def graph_enabled(requested: bool, device: torch.device, dist, strict: bool = False) -> bool:
     """Whether a run with ``cuda_graph=requested`` on ``device`` replays a captured step.
 
-    Only on CUDA.  Multi-process (DDP) runs take the eager step on every rank: DDP's
-    gradient all-reduce is not captured here (torch supports it only with NCCL >= 2.9.6, DDP
-    built on a side stream and 11 warm-up iterations, and it is fragile), so each rank trains
-    as before.  Both fallbacks log one line.
+    Only on CUDA (``cuda_graphs.on_cuda``), and only where the step can be captured: the
+    fused ops on their Triton path (``cuda_graphs.unavailable_reason``).  Multi-process (DDP)
+    runs take the eager step on every rank: DDP's gradient all-reduce is not captured here
+    (torch supports it only with NCCL >= 2.9.6, DDP built on a side stream and 11 warm-up
+    iterations, and it is fragile).  Each fallback logs one line (rank 0), or raises
+    ``cuda_graphs.GraphCaptureError`` when ``strict``.
     """
-    if not requested or device.type != "cuda":
+    if not requested or not cuda_graphs.on_cuda(device):
         return False
+    reason = cuda_graphs.unavailable_reason(device)
     if dist.enabled:
-        if dist.is_main:
-            logger.warning(
-                "fastdiff: cuda_graph: multi-process (DDP) training runs the eager step on"
-                " every rank (the training step is not captured with DDP's all-reduce)"
-            )
-        return False
-    if not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
-        logger.warning(
-            f"fastdiff: cuda_graph: torch {torch.__version__} cannot register a generator with"
-            " a CUDA graph; running the eager training step"
-        )
+        reason = "multi-process (DDP) training is not captured with DDP's all-reduce"
+    if reason is not None:
+        if dist.is_main or strict:
+            cuda_graphs.fall_back(WHAT, reason, strict)
         return False
     return True
 
@@ -189,10 +191,14 @@ class GraphStep:
     which also makes the step warm up and capture afresh).
     """
 
-    def __init__(self, run):
-        self.run = run
+    def __init__(self, run, strict: bool = False):
+        # A weak reference: the run owns this step, and a cycle between them would keep the
+        # graph, its memory pool and the optimizer state alive after train() returns, until
+        # the cycle collector happened to run.
+        self._run = weakref.ref(run)
+        self.strict = strict
         dev = run.device
-        self.capture = dev.type == "cuda"
+        self.capture = cuda_graphs.on_cuda(dev)  # False for good once a capture failed
         self.counter = torch.zeros((), dtype=torch.int64, device=dev)  # k, advanced by the step
         self.lr = torch.tensor(run.cfg.lr, dtype=torch.float32, device=dev)
         fmt = memory_format(run.channels_last)
@@ -204,11 +210,20 @@ class GraphStep:
         self._counter_step = 0  # the run step the device counter holds
         self._eager_left = WARMUP_STEPS
         self._bound: tuple | None = None  # (param_groups, state) the lr tensor is bound into
-        self._stream = torch.cuda.Stream(dev) if self.capture else None
+        self._stream = cuda_graphs.side_stream(dev) if self.capture else None
         # The weights a replay rewrites in place (the model's and the EMA's): see publish().
         shadow = run.ema.shadow
         self._written = [*run.model.parameters(), *shadow.parameters(), *shadow.buffers()]
         self._replayed = False
+
+    @property
+    def run(self):
+        return self._run()
+
+    def release(self) -> None:
+        """Drop the graph (and with it its memory pool); a later step warms up again."""
+        self.graph = None
+        self._eager_left = WARMUP_STEPS
 
     def step(self) -> None:
         """One training step (the caller advances ``run.step``)."""
@@ -251,37 +266,54 @@ class GraphStep:
         )
 
     def _bind(self) -> None:
-        """Point the optimizer at the lr tensor; (re)start warm-up and capture."""
+        """Point the optimizer at the lr tensor, make it fused and capturable, and put its
+        state where the fused kernel reads it; (re)start warm-up and capture.
+
+        A state loaded from an eager or CPU run's checkpoint keeps ``step`` where that run had
+        it (torch moves it to the parameter's device only for optimizers that were capturable
+        or fused when saved): the fused kernel would then read a host pointer, or the counter
+        would not advance inside the graph.  So every state tensor goes to its parameter's
+        device, ``step`` as float32 (what fused AdamW keeps), the moments in the parameter's
+        dtype.
+        """
         opt = self.run.optimizer
         for group in opt.param_groups:
             group.update(lr=self.lr, capturable=True, fused=True, foreach=None)
+            for p in group["params"]:
+                state = opt.state.get(p, {})
+                for key, value in state.items():
+                    if isinstance(value, torch.Tensor):
+                        dtype = torch.float32 if key == "step" else p.dtype
+                        state[key] = value.to(device=p.device, dtype=dtype)
         self._bound = (opt.param_groups, opt.state)
-        self.graph = None
-        self._eager_left = WARMUP_STEPS
+        self.release()
 
     def _eager(self) -> None:
         self.run.optimizer.zero_grad(set_to_none=True)
         if self.capture:
-            current = torch.cuda.current_stream()
-            self._stream.wait_stream(current)
-            with torch.cuda.stream(self._stream):
-                self._body()
-            current.wait_stream(self._stream)
+            cuda_graphs.run_on(self._stream, self._body, self.run.device)
         else:
             self._body()
         self._eager_left = max(0, self._eager_left - 1)
 
     def _capture(self) -> None:
+        """Capture the step for the next steps to replay.  If the capture fails (a model that
+        reads tensors on the host, say), the run goes on with eager steps from the state it
+        had before the capture (see ``cuda_graphs.capture``), or raises in strict mode."""
         run = self.run
         # Gradients set to None now are allocated by the captured backward in the graph's
         # memory pool and stay there: each replay's backward writes them afresh.
         run.optimizer.zero_grad(set_to_none=True)
-        graph = torch.cuda.CUDAGraph()
-        graph.register_generator_state(run.t_gen)  # the default generator (dropout) is implicit
-        # thread_local: a DataLoader's pin-memory thread may allocate pinned memory meanwhile.
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self._body()
-        self.graph = graph
+        self.graph = cuda_graphs.capture(
+            self._body,
+            device=run.device,
+            what=WHAT,
+            strict=self.strict,
+            generators=[run.t_gen],  # the default generator (dropout) is registered implicitly
+            restore=run.forget_partial_step,
+        )
+        if self.graph is None:
+            self.capture = False
 
     def _body(self) -> None:
         """The step function: what is captured and replayed (see the module docstring)."""

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import distributed, ops, preemption, train_graph
+from . import cuda_graphs, distributed, ops, preemption, train_graph
 from .data import make_batches, resolve_data
 from .diffusion import Diffusion, build_model
 from .ema import EMA
@@ -233,6 +233,7 @@ def train(
     on_log=None,
     cuda_graph: bool = True,
     compile: bool = False,
+    strict: bool | None = None,
 ) -> Diffusion:
     """Train a DDPM noise predictor with Algorithm 20.1 and return the trained Diffusion.
 
@@ -274,8 +275,14 @@ def train(
         image_size: size to resize folder images to.
         on_log: optional callable receiving each metrics record (a dict).
         cuda_graph: on CUDA, capture the whole training step as one CUDA graph after 3 eager
-            steps and replay it (fastdiff.train_graph); False runs the eager step.  Multi-process
-            runs use the eager step.  Ignored on other devices.
+            steps and replay it (fastdiff.train_graph); False runs the eager step.  Where the
+            step cannot be captured (multi-process runs, the torch reference backend, a model
+            that reads tensors on the host or uses an op graphs do not support) training goes
+            on with the eager step from the same state, after one log line saying why; the
+            sample grids likewise.  Ignored on other devices.
+        strict: turn those fallbacks into a ``GraphCaptureError`` (None: the
+            ``FASTDIFF_STRICT`` environment variable, off by default); for measurements that
+            must not time an eager fallback.
         compile: run the model through torch.compile (Inductor's default mode; inside the
             captured step on CUDA).
 
@@ -310,6 +317,7 @@ def train(
         sample_steps=sample_steps,
     )
     _check_config(cfg)
+    strict = cuda_graphs.strict_mode(strict)
     if resume and out_dir is None:
         raise ValueError("resume: needs out_dir, the directory holding the run's checkpoints")
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
@@ -334,7 +342,7 @@ def train(
         model.to(dev, memory_format=memory_format(cl)).train()
 
         run = _Run(model, sched, source, image_shape, cfg, dev, prec, cl, num_workers, dist_info,
-                   cuda_graph=cuda_graph, compile=compile)  # fmt: skip
+                   cuda_graph=cuda_graph, compile=compile, strict=strict)  # fmt: skip
         out = Path(out_dir) if out_dir is not None else None
         if resume:
             run.restore(out)
@@ -349,8 +357,9 @@ class _Run:
 
     def __init__(self, model, schedule, source, image_shape, cfg, device, prec, cl, workers,
                  dist_info: distributed.DistInfo | None = None, *, cuda_graph: bool = True,
-                 compile: bool = False):  # fmt: skip
+                 compile: bool = False, strict: bool = False):  # fmt: skip
         self.model, self.schedule, self.cfg = model, schedule, cfg
+        self.strict = strict
         self.device, self.prec, self.channels_last = device, prec, cl
         self.image_shape = image_shape
         self.dist = dist_info or distributed.DistInfo()
@@ -361,7 +370,7 @@ class _Run:
         )
         if compile:
             self.net = torch.compile(self.net)
-        graph = train_graph.graph_enabled(cuda_graph, device, self.dist)
+        graph = train_graph.graph_enabled(cuda_graph, device, self.dist, strict)
         fused = device.type == "cuda" or graph  # the captured step needs fused + capturable
         self.optimizer = torch.optim.AdamW(
             model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None,
@@ -373,7 +382,7 @@ class _Run:
         self.step = 0
         self.seed_buf = torch.zeros(1, dtype=torch.long, device=device)
         self.losses = torch.zeros(cfg.log_every, dtype=torch.float32, device=device)
-        self.graph_step = train_graph.GraphStep(self) if graph else None
+        self.graph_step = train_graph.GraphStep(self, strict) if graph else None
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -400,6 +409,13 @@ class _Run:
         with phase("backward"):
             self.scaler.scale(loss).backward()
         return loss
+
+    def forget_partial_step(self) -> None:
+        """Drop what a step that did not finish left on the host side (a failed capture): the
+        gradients (allocated in the dead graph's pool) and the GradScaler's per-step record of
+        which optimizers it has unscaled."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler._per_optimizer_states.clear()  # what scaler.update() resets after a step
 
     def clipped_update(self) -> None:
         """Unscale the gradients, clip their global norm to ``grad_clip``, take the optimizer
@@ -514,6 +530,8 @@ class _Run:
                 metrics.close()
             # Under a CUDA graph the grads live in the graph's private pool: let it go.
             self.optimizer.zero_grad(set_to_none=True)
+            if self.graph_step is not None:
+                self.graph_step.release()
         diffusion = self.diffusion()
         if writes and cfg.steps > 0:
             self._write(self._save_grid, out / SAMPLES_FILE, diffusion, what="sample grid")
@@ -606,6 +624,7 @@ class _Run:
             variance=self.cfg.variance,
             sampler=self.cfg.sample_sampler,
             steps=self.cfg.sample_steps,
+            strict=self.strict,
         )
         torch.set_rng_state(rng_state)
         self.model.train()

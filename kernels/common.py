@@ -40,6 +40,7 @@ at four times the generator work.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -279,11 +280,24 @@ def seed_tensor(seed, device: torch.device) -> torch.Tensor:
     return torch.full((1,), int(seed), dtype=torch.int64, device=device)
 
 
+def device_guard(device: torch.device):
+    """The context every launch runs in: ``device`` made the current CUDA device.
+
+    Triton launches on the *current* device and its current stream, whatever device the
+    pointers belong to; without this, ops on ``cuda:1`` tensors would run on GPU 0's stream
+    with GPU 1's addresses.  A no-op for other devices (the interpreter runs on the CPU).
+    """
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def launch(kernel, x: torch.Tensor, args: dict | None = None, *, seeded: bool, **kwargs) -> None:
-    """Launch ``kernel`` over the tiles of x (see the module docstring); ``args`` is
-    ``layout_args(x, seeded)`` when the caller already has it."""
+    """Launch ``kernel`` over the tiles of x on x's device (see the module docstring);
+    ``args`` is ``layout_args(x, seeded)`` when the caller already has it."""
     args = dict(args or layout_args(x, seeded))
     grid = args.pop("grid")
     if grid[0] == 0:
         return
-    kernel[grid](**kwargs, **args)
+    with device_guard(x.device):
+        kernel[grid](**kwargs, **args)

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import same_layout
+from .common import device_guard, same_layout
 from .reference import is_channels_last
 
 #: Elements of one tile (BLOCK_P x C_PAD): 16 per thread at 4 warps (the backward kernels
@@ -260,13 +260,20 @@ def group_norm_fwd_triton(x, weight, bias, num_groups: int, eps: float, silu: bo
     if not is_channels_last(x):
         raise ValueError("x: the GroupNorm kernel takes channels_last (NHWC) tensors")
     geo = geometry(x, num_groups)
-    N, G, warps = geo["N"], geo["G"], geo["num_warps"]
+    N, G = geo["N"], geo["G"]
     out = torch.empty_like(x)
     mean = torch.empty((N, G), dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
     if x.numel() == 0:
         return out, mean.fill_(0.0), rstd.fill_(0.0)
     part = torch.empty((N, geo["chunks"], 2, geo["C"]), dtype=torch.float32, device=x.device)
+    with device_guard(x.device):
+        _launch_fwd(x, weight, bias, mean, rstd, out, part, geo, eps, silu)
+    return out, mean, rstd
+
+
+def _launch_fwd(x, weight, bias, mean, rstd, out, part, geo: dict, eps: float, silu: bool):
+    N, G, warps = geo["N"], geo["G"], geo["num_warps"]
     group_norm_stats_kernel[(N * geo["chunks"],)](
         x, part, geo["HW"], geo["C"], geo["pixels_per_chunk"], geo["chunks"],
         C_PAD=geo["C_PAD"], BLOCK_P=geo["BLOCK_P"], num_warps=warps,
@@ -279,19 +286,28 @@ def group_norm_fwd_triton(x, weight, bias, num_groups: int, eps: float, silu: bo
         x, weight, bias, mean, rstd, out, geo["HW"], geo["C"], geo["Cg"], G, geo["blocks"],
         C_PAD=geo["C_PAD"], BLOCK_P=geo["BLOCK_P"], SILU=bool(silu), num_warps=warps,
     )  # fmt: skip
-    return out, mean, rstd
 
 
 def group_norm_bwd_triton(grad, x, weight, bias, mean, rstd, num_groups: int, silu: bool):
     """(dx, dweight, dbias) for d out = grad; dx like x, dweight/dbias like weight/bias."""
     geo = geometry(x, num_groups)
-    N, G, warps = geo["N"], geo["G"], geo["num_warps"]
+    N, G = geo["N"], geo["G"]
     grad = same_layout(grad, x)
     dx = torch.empty_like(x)
     if x.numel() == 0:
         return dx, torch.zeros_like(weight), torch.zeros_like(bias)
     part = torch.empty((N, geo["chunks"], 2, geo["C"]), dtype=torch.float32, device=x.device)
     s = torch.empty((N, 2, G), dtype=torch.float32, device=x.device)
+    with device_guard(x.device):
+        _launch_bwd(grad, x, weight, bias, mean, rstd, dx, part, s, geo, silu)
+    # over samples and chunks: d weight = sum dy xhat, d bias = sum dy (separate tensors)
+    dweight = part[:, :, 0].sum(dim=(0, 1)).to(weight.dtype)
+    dbias = part[:, :, 1].sum(dim=(0, 1)).to(bias.dtype)
+    return dx, dweight, dbias
+
+
+def _launch_bwd(grad, x, weight, bias, mean, rstd, dx, part, s, geo: dict, silu: bool):
+    N, G, warps = geo["N"], geo["G"], geo["num_warps"]
     group_norm_bwd_stats_kernel[(N * geo["chunks"],)](
         x, grad, weight, bias, mean, rstd, part, geo["HW"], geo["C"], geo["Cg"], G,
         geo["pixels_per_chunk"], geo["chunks"],
@@ -306,10 +322,6 @@ def group_norm_bwd_triton(grad, x, weight, bias, mean, rstd, num_groups: int, si
         geo["blocks"], C_PAD=geo["C_PAD"], BLOCK_P=geo["BLOCK_P"], SILU=bool(silu),
         num_warps=warps,
     )  # fmt: skip
-    # over samples and chunks: d weight = sum dy xhat, d bias = sum dy (separate tensors)
-    dweight = part[:, :, 0].sum(dim=(0, 1)).to(weight.dtype)
-    dbias = part[:, :, 1].sum(dim=(0, 1)).to(bias.dtype)
-    return dx, dweight, dbias
 
 
 def _aot_cases():

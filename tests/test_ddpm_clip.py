@@ -126,7 +126,8 @@ def test_clipped_samplers_replay_without_host_syncs(kwargs):
     with torch.inference_mode():
         z0 = initial_noise((8, 1, 4, 4), dev, 3, 0, False)
         eager = sampler.run_eager(StepBuffers(z0.clone(), sampler.timesteps[0], 5)).clone()
-        sampler.run_graph(z0, 5)  # captures the step
+        sampler.run_graph(z0, 5, strict=True)  # captures the step (strict: no eager fallback)
+        assert not sampler.graph_failed and 8 in sampler._graphs
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:

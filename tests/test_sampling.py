@@ -116,7 +116,7 @@ def test_save_and_load_round_trip(tmp_path):
 def test_cuda_graph_matches_eager():
     d = gaussian_diffusion(0.1, 0.5, T=100).to("cuda")
     eager = d.sample(8, seed=3, cuda_graph=False)
-    graph = d.sample(8, seed=3, cuda_graph=True)
+    graph = d.sample(8, seed=3, cuda_graph=True, strict=True)  # strict: no eager fallback
     assert graph.is_cuda
     torch.testing.assert_close(graph, eager, rtol=0, atol=0)
     unet = fastdiff.train(
@@ -129,7 +129,7 @@ def test_cuda_graph_matches_eager():
         progress=False,
     )
     torch.testing.assert_close(
-        unet.sample(4, seed=1, cuda_graph=True),
+        unet.sample(4, seed=1, cuda_graph=True, strict=True),
         unet.sample(4, seed=1, cuda_graph=False),
         rtol=1e-3,
         atol=1e-3,

@@ -8,6 +8,7 @@ resume, data streamed from host memory.
 """
 
 import logging
+import re
 import types
 
 import pytest
@@ -31,7 +32,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.fixture
 def graph_on_cpu(monkeypatch):
     """Runs asking for cuda_graph get the GraphStep on CPU too (run eagerly: no capture)."""
-    monkeypatch.setattr(train_graph, "graph_enabled", lambda requested, device, dist: requested)
+    monkeypatch.setattr(train_graph, "graph_enabled", lambda requested, device, dist, strict=False: requested)
 
 
 def make_run(data, device="cpu", *, graph, precision="fp32", batch_size=8, log_every=50,
@@ -104,22 +105,41 @@ def test_ema_update_with_a_device_weight_equals_update():
     assert torch.equal(a.shadow[1].running_mean, b.shadow[1].running_mean)
 
 
-def test_graph_only_for_single_process_cuda(monkeypatch, caplog):
+def test_graph_only_for_single_process_cuda_with_the_triton_ops(monkeypatch, caplog):
+    """A graph only where the step can be captured: CUDA, one process, the fused ops on their
+    Triton path (the reference reads the seed on the host), a torch that registers
+    generators; each refusal logs one line naming the cause, or raises in strict mode."""
+
     class Graph:
         def register_generator_state(self, generator): ...
 
     cuda, single = torch.device("cuda"), DistInfo()
     monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(fastdiff.ops, "triton_available", lambda: True)
+    monkeypatch.delenv("FASTDIFF_BACKEND", raising=False)
     assert train_graph.graph_enabled(True, cuda, single)
     assert not train_graph.graph_enabled(False, cuda, single)
     assert not train_graph.graph_enabled(True, torch.device("cpu"), single)
-    with caplog.at_level(logging.WARNING, logger="fastdiff"):
-        assert not train_graph.graph_enabled(True, cuda, DistInfo(rank=0, world=2))
-    assert caplog.records[-1].getMessage().startswith("fastdiff: cuda_graph: multi-process")
+
+    def refused(dist=single, match=""):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="fastdiff"):
+            assert not train_graph.graph_enabled(True, cuda, dist)
+        [record] = caplog.records
+        assert record.getMessage().startswith("fastdiff: training step: cuda_graph: ")
+        assert match in record.getMessage()
+        with pytest.raises(fastdiff.GraphCaptureError, match=re.escape(match)):
+            train_graph.graph_enabled(True, cuda, dist, strict=True)
+
+    refused(DistInfo(rank=0, world=2), "multi-process (DDP)")
+    monkeypatch.setenv("FASTDIFF_BACKEND", "reference")
+    refused(match="FASTDIFF_BACKEND=reference")
+    monkeypatch.delenv("FASTDIFF_BACKEND")
+    monkeypatch.setattr(fastdiff.ops, "triton_available", lambda: False)
+    refused(match="Triton not installed")
+    monkeypatch.setattr(fastdiff.ops, "triton_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "CUDAGraph", type("OldGraph", (), {}))
-    with caplog.at_level(logging.WARNING, logger="fastdiff"):
-        assert not train_graph.graph_enabled(True, cuda, single)
-    assert "cannot register a generator" in caplog.records[-1].getMessage()
+    refused(match="cannot register a generator")
 
 
 def test_cli_graph_and_compile_flags(monkeypatch, tmp_path):
@@ -242,18 +262,24 @@ def _run_steps(run: _Run, n: int) -> _Run:
 @pytest.mark.parametrize("source", ["in_memory", "streamed"])
 def test_graph_matches_eager_on_cuda(no_tf32, source):
     """3 eager warm-up steps (the last followed by the capture), then 5 replays, against 8 eager
-    steps: fp32 weights within 1e-4 + 1e-4 relative (lr in fp32, EMA sub/mul/add vs lerp)."""
+    steps: within the rounding the two step functions differ by (lr in fp32, EMA sub/mul/add vs
+    lerp: 1e-4) plus a few times what two eager runs differ by on this GPU (atomics in the
+    attention and cuDNN weight-gradient kernels change low bits from run to run, and AdamW's
+    g / sqrt(v) turns that into lr-sized differences where a gradient is near 0)."""
     data = tiny_data(n=40)
     if source == "streamed":
         data = TensorDataset(data)
     graph = _run_steps(make_run(data, "cuda", graph=True, log_every=8), 8)
     eager = _run_steps(make_run(data, "cuda", graph=False, log_every=8), 8)
+    again = _run_steps(make_run(data, "cuda", graph=False, log_every=8), 8)
     assert graph.graph_step is not None and graph.graph_step.graph is not None
     assert int(graph.graph_step.counter) == graph.step == 8
-    torch.testing.assert_close(graph.losses, eager.losses, rtol=1e-4, atol=1e-5)
-    for a, b in [(graph.model, eager.model), (graph.ema.shadow, eager.ema.shadow)]:
-        for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True):
-            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+    noise = (graph.losses - eager.losses).abs().max().item()
+    assert noise <= 1e-5 + 4 * (eager.losses - again.losses).abs().max().item()
+    for name in ("model", "shadow"):
+        a, b, c = (getattr(r, name) if name == "model" else r.ema.shadow
+                   for r in (graph, eager, again))  # fmt: skip
+        assert max_diff(a, b) <= 1e-4 + 4 * max_diff(b, c), name
     assert state_equal(graph.batches.state_dict(), eager.batches.state_dict())
     assert torch.equal(graph.t_gen.get_state(), eager.t_gen.get_state())
 

@@ -1,0 +1,148 @@
+"""CUDA graphs for the training step and the sampler: where one can run, how a step is
+captured, and what happens when it cannot be.
+
+Both captured steps (``train_graph.GraphStep``, ``sampling.Sampler``) go through
+:func:`capture` and :func:`fall_back`, so they share one set of rules:
+
+* **Where.** Only on CUDA (:func:`on_cuda`), and only when the fused ops take the Triton path
+  there (:func:`unavailable_reason`): the torch reference (``FASTDIFF_BACKEND=reference``, or
+  Triton not importable) turns a seed tensor into Python noise with ``int(seed)``, a host read
+  that a capture forbids.
+* **How.** Each capture runs on a fresh stream of the step's own device (torch's default
+  capture stream is made once, on whichever device was current first), in
+  ``capture_error_mode="thread_local"`` (a DataLoader's pin-memory thread may allocate pinned
+  host memory meanwhile), with the step's generators registered with the graph.
+* **When it fails** (a user model that calls ``.item()``, branches on a tensor in Python,
+  allocates differently per call or uses an op CUDA graphs do not support), nothing of the
+  capture is kept: the generators get back the state they had before it, the caller's
+  ``restore`` undoes host-side state the step function touched, and the step runs eagerly
+  from there, after one log line naming the cause.
+* **Strict.** ``strict=True`` (or ``FASTDIFF_STRICT=1`` when ``strict`` is None) turns every
+  such fallback into a :class:`GraphCaptureError`, so a benchmark never times an eager
+  fallback by mistake.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .errors import FastDiffError
+
+logger = logging.getLogger("fastdiff")
+
+STRICT_ENV = "FASTDIFF_STRICT"
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+
+
+class GraphCaptureError(FastDiffError, RuntimeError):
+    """A CUDA graph was asked for in strict mode and the step cannot be captured."""
+
+
+def strict_mode(strict: bool | None = None) -> bool:
+    """``strict`` when given, else the ``FASTDIFF_STRICT`` environment variable (off by
+    default)."""
+    if strict is not None:
+        if not isinstance(strict, bool):
+            raise TypeError(f"strict: expected True, False or None, got {strict!r}")
+        return strict
+    value = os.environ.get(STRICT_ENV, "").strip().lower()
+    if value not in _TRUE + _FALSE:
+        raise ValueError(f"{STRICT_ENV}: expected 1 or 0, got {value!r}")
+    return value in _TRUE
+
+
+def on_cuda(device: torch.device) -> bool:
+    """Whether ``device`` runs captured graphs (CUDA).  The CPU tests' graph emulation
+    replaces this predicate; production code asks it, never ``device.type`` directly."""
+    return device.type == "cuda"
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why a step with the fused ops cannot be captured on ``device`` (None: it can)."""
+    from . import ops  # ops imports nothing of this module; keep the import graph one-way
+
+    if ops.backend_on(device) != "triton":
+        return (
+            f"the fused ops run the torch reference on {device} ({ops.BACKEND_ENV}="
+            f"{os.environ.get(ops.BACKEND_ENV, 'auto') or 'auto'}"
+            f"{'' if ops.triton_available() else ', Triton not installed'}), which reads"
+            " the noise seed on the host"
+        )
+    if not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
+        return f"torch {torch.__version__} cannot register a generator with a CUDA graph"
+    return None
+
+
+def fall_back(what: str, reason: str, strict: bool) -> None:
+    """Say once that ``what`` runs eagerly because of ``reason``; raise in strict mode."""
+    if strict:
+        raise GraphCaptureError(
+            f"{what}: {reason}; strict mode ({STRICT_ENV}=1 or strict=True) refuses the"
+            " eager fallback"
+        )
+    logger.warning(f"fastdiff: {what}: {reason}; running it eagerly")
+
+
+def describe(exc: BaseException) -> str:
+    """The first cause of a failed capture, in one line: the error the step raised, not the
+    "capture invalidated" that ending the capture raises after it."""
+    root = exc
+    while root.__context__ is not None and root.__cause__ is None:
+        root = root.__context__
+    text = str(root).strip().splitlines()
+    return f"{type(root).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def side_stream(device: torch.device):
+    """A new stream on ``device`` (warm-up steps and the capture run there)."""
+    return torch.cuda.Stream(device=device)
+
+
+def run_on(stream, fn: Callable[[], None], device: torch.device) -> None:
+    """``fn()`` on ``stream``, ordered after and before the device's current stream."""
+    current = torch.cuda.current_stream(device)
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        fn()
+    current.wait_stream(stream)
+
+
+def capture(
+    body: Callable[[], None],
+    *,
+    device: torch.device,
+    what: str,
+    strict: bool,
+    generators: Sequence[torch.Generator] = (),
+    restore: Callable[[], None] | None = None,
+):
+    """Capture ``body()`` as a CUDA graph on ``device``; the graph, or None when the capture
+    failed (after :func:`fall_back`: the step should then run eagerly).
+
+    On failure every generator in ``generators`` gets its pre-capture state back and
+    ``restore()`` is called, so the eager step continues from exactly the state before.
+    """
+    graph = torch.cuda.CUDAGraph()
+    states = [g.get_state() for g in generators]
+    for g in generators:
+        graph.register_generator_state(g)
+    stream = side_stream(device)  # a fresh one: a failed capture may leave its stream unusable
+    stream.wait_stream(torch.cuda.current_stream(device))
+    try:
+        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+            body()
+    except Exception as exc:  # noqa: BLE001 - any failure of a user's step means: run eagerly
+        del graph
+        for g, state in zip(generators, states, strict=True):
+            g.set_state(state)
+        if restore is not None:
+            restore()
+        fall_back(what, f"the capture failed ({describe(exc)})", strict)
+        return None
+    torch.cuda.current_stream(device).wait_stream(stream)
+    return graph
