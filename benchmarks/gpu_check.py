@@ -9,8 +9,9 @@ a hang or a crash in one part still leaves the others' results:
 
 1. ``env``: GPU, driver, torch / triton / fastdiff versions and where fastdiff is imported from.
 2. ``tests``: the kernel and CUDA tests (compiled Triton kernels on CUDA tensors instead of the
-   interpreter), serially, with the working directory outside the checkout so the installed
-   fastdiff is what runs.
+   interpreter; every test that skips itself without CUDA: ``CUDA_TESTS``, which
+   tests/test_gpu_check.py checks against the suite), serially, with the working directory
+   outside the checkout so the installed fastdiff is what runs.
 3. ``graph``: a digits-preset U-Net sampled with the CUDA graph and eagerly for one seed; the
    images must be equal (max |difference| printed).
 4. the CUDA benchmarks, most wanted first, each part its own pytest run with its own JSON
@@ -38,16 +39,27 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-#: The tests that exercise CUDA when a GPU is present (kernels on CUDA tensors, graphs, hot
-#: loops); the rest of the suite is CPU-only logic that CI covers.
+#: The tests that exercise CUDA when a GPU is present: whole files (kernels on CUDA tensors
+#: through helpers.DEVICE, graphs, hot loops) and single tests (file::name) that skip
+#: themselves without CUDA; the rest of the suite is CPU-only logic that CI covers.
+#: tests/test_gpu_check.py checks that this selects every test marked to skip without CUDA
+#: and every file that runs its tests on helpers.DEVICE.
 CUDA_TESTS = [
     "tests/test_ops_vs_reference.py",
     "tests/test_kernel_noise.py",
     "tests/test_group_norm.py",
+    "tests/test_schedule.py",
+    "tests/test_ddpm_clip.py",
     "tests/test_sampling.py",
-    "tests/test_training.py::test_cuda_hot_loop_does_not_synchronise",
     "tests/test_train_graph.py",
+    "tests/test_training.py::test_cuda_hot_loop_does_not_synchronise",
+    "tests/test_low_precision.py::test_cuda_bf16_sampling_uses_the_copy_and_keeps_the_model",
+    "tests/test_graph_capture.py::test_a_model_with_item_trains_on_cuda_with_the_default_graph",
+    "tests/test_graph_capture.py::test_a_cpu_checkpoint_resumes_in_the_cuda_graph_step",
+    "tests/test_graph_capture.py::test_ops_on_the_second_gpu_equal_the_first",
 ]
+#: ``--smoke`` (CPU) keeps to these of them: the CUDA-only tests there are skipped.
+SMOKE_K = "cuda_graph or hot_loop"
 #: (part, benchmark file, pytest -k, seconds at most), most wanted first.
 _TRAIN_CORE = "test_train_step and cuda and bf16 and channels_last and not compile"
 BENCH_PARTS = [
@@ -104,6 +116,17 @@ diff = float((graph - eager).abs().max())
 print(json.dumps({"max_abs_diff": diff, "equal": diff == 0.0, "on_cuda": graph.is_cuda}))
 sys.exit(0 if diff == 0.0 else 1)
 """
+
+
+def tests_part_args(smoke: bool = False) -> list[str]:
+    """The pytest arguments of the ``tests`` part: CUDA_TESTS as absolute paths (entries whose
+    file is missing are left out), and with ``smoke`` the ``-k`` that keeps it short."""
+    args = []
+    for entry in CUDA_TESTS:
+        path, _, name = entry.partition("::")
+        if (ROOT / path).exists():
+            args.append(str(ROOT / path) + (f"::{name}" if name else ""))
+    return args + (["-k", SMOKE_K] if smoke else [])
 
 
 def run_part(name: str, cmd: list[str], out: Path, timeout: float, cwd: Path) -> dict:
@@ -196,11 +219,15 @@ def main(argv=None) -> int:
         if not args.smoke and not env.get("cuda"):
             print(f"gpu_check: no CUDA device visible (see {out / 'env.log'})", file=sys.stderr)
             return 1
-        tests = [str(ROOT / t.split("::")[0]) + ("::" + t.split("::")[1] if "::" in t else "")
-                 for t in CUDA_TESTS if (ROOT / t.split("::")[0]).exists()]  # fmt: skip
-        test_cmd = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
-        if args.smoke:
-            test_cmd += ["-k", "cuda_graph or hot_loop"]  # the CUDA-only tests: skipped on CPU
+        test_cmd = [
+            py,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            *tests_part_args(args.smoke),
+        ]
         results.append(run_part("tests", test_cmd, out, left(150), cwd))
         results.append(
             run_part(

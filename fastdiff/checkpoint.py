@@ -15,6 +15,12 @@ is renamed into place (and the parent directory fsynced); then ``latest.json`` i
 pointed to; a write that fails (no space, permission denied, read-only file system) raises
 :class:`~fastdiff.errors.OutputError` naming the checkpoint and the cause, and leaves
 ``latest.json`` pointing to the previous checkpoint.
+
+Reading back, :func:`find_intact_checkpoint` takes the newest checkpoint that verifies
+(latest.json's first, then the other ``step_*`` folders, newest first): a truncated, altered
+or missing file, an unreadable config.json or a latest.json naming nothing usable makes it fall
+back to the previous checkpoint, reporting what it skipped and why; only when none is intact
+does it raise, naming each.  Resume and ``fastdiff.load`` of a run directory use it.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -38,6 +45,8 @@ FORMAT_VERSION = 1
 CONFIG, MODEL, EMA, STATE = "config.json", "model.safetensors", "ema.safetensors", "state.pt"
 LATEST = "latest.json"
 CHECKPOINTS_DIR = "checkpoints"
+
+logger = logging.getLogger("fastdiff")
 
 
 class NoCheckpointError(CheckpointError):
@@ -139,16 +148,21 @@ def _pointed_to(root: Path) -> str | None:
 
 
 def _latest_note(root: Path) -> str:
-    """Which checkpoint a run still resumes from, for error messages."""
+    """Which checkpoint a run still resumes from, for error messages (verified: this is the
+    error path, where hashing the files once costs nothing that matters)."""
     try:
-        return f"the last good checkpoint, {str(find_checkpoint(root))!r}, is intact"
-    except CheckpointError:
+        return f"the last good checkpoint, {str(find_intact_checkpoint(root)[0])!r}, is intact"
+    except NoCheckpointError:
         return "no earlier checkpoint exists"
+    except CheckpointError:
+        return "no earlier checkpoint is intact"
 
 
 def find_checkpoint(path: str | Path) -> Path:
     """The checkpoint directory that ``path`` names: a checkpoint itself, a checkpoints folder
-    (its latest.json, else its newest step), or a run's output directory containing one."""
+    (its latest.json, else its newest step), or a run's output directory containing one.
+    Nothing is verified here: :func:`find_intact_checkpoint` also checks the files and falls
+    back to an older checkpoint."""
     path = Path(path)
     if not path.exists():
         raise NoCheckpointError(f"checkpoint: {str(path)!r} does not exist")
@@ -176,11 +190,116 @@ def find_checkpoint(path: str | Path) -> Path:
     )
 
 
+def find_intact_checkpoint(path: str | Path, only=None) -> tuple[Path, list[tuple[Path, str]]]:
+    """The newest intact checkpoint that ``path`` names, and those skipped on the way.
+
+    ``path`` is a checkpoint directory (strict: it is verified and returned, or its
+    CheckpointError raised), a ``checkpoints/`` folder or a run's output directory.  There the
+    candidates are latest.json's target first, then the other ``step_*`` folders, newest
+    first; each is verified (:func:`verify_checkpoint`: config.json readable, every file it
+    lists -- or those of ``only`` -- with its recorded size and SHA-256) and the first that
+    passes is returned with ``skipped``: ``(path, reason)`` for every candidate that failed
+    before it, and for a latest.json that is unreadable or names a missing folder.
+
+    Raises NoCheckpointError when ``path`` holds nothing checkpoint-like (no config.json,
+    latest.json or ``step_*`` folder), CheckpointError naming every candidate and why it
+    failed when none is intact.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise NoCheckpointError(f"checkpoint: {str(path)!r} does not exist")
+    if (path / CONFIG).is_file():
+        verify_checkpoint(path, only)
+        return path, []
+    roots = [r for r in (path, path / CHECKPOINTS_DIR) if (r / LATEST).exists() or _steps(r)]
+    if not roots:
+        raise NoCheckpointError(
+            f"checkpoint: no checkpoint found in {str(path)!r} (expected {CONFIG}, {LATEST} or"
+            f" {CHECKPOINTS_DIR}/)"
+        )
+    candidates, skipped = _candidates(roots[0])
+    for directory in candidates:
+        try:
+            verify_checkpoint(directory, only)
+        except CheckpointError as exc:
+            skipped.append((directory, _reason(exc)))
+            continue
+        return directory, skipped
+    failures = "; ".join(f"{str(p)!r} ({why})" for p, why in skipped)
+    if not candidates:  # only a latest.json, naming nothing usable
+        raise CheckpointError(
+            f"checkpoint: no checkpoint found in {str(path)!r} (expected {CONFIG}, {LATEST} or"
+            f" {CHECKPOINTS_DIR}/): {failures}"
+        )
+    raise CheckpointError(f"checkpoint: no intact checkpoint in {str(path)!r}: {failures}")
+
+
+def log_skipped(action: str, directory: Path, skipped: list[tuple[Path, str]]) -> None:
+    """Where ``skipped`` is not empty, one warning (logger "fastdiff"): ``fastdiff: <action>
+    <directory>, the newest intact checkpoint; skipped <path> (<reason>); ...``."""
+    if skipped:
+        what = "; ".join(f"{str(p)!r} ({why})" for p, why in skipped)
+        logger.warning(
+            f"fastdiff: {action} {str(directory)!r}, the newest intact checkpoint; skipped {what}"
+        )
+
+
+def _steps(root: Path) -> list[Path]:
+    """The ``step_*`` folders of ``root``, newest first."""
+    return sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
+
+
+def _candidates(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Checkpoint folders to try in order (latest.json's target first), and pointer faults."""
+    order, skipped = [], []
+    pointer = root / LATEST
+    if pointer.exists():
+        try:
+            name = json.loads(pointer.read_text())["path"]
+            if not isinstance(name, str) or not name or Path(name).name != name:
+                raise ValueError(name)
+        except (OSError, ValueError, KeyError, TypeError):
+            skipped.append((pointer, "unreadable"))
+        else:
+            if (root / name).is_dir():
+                order.append(root / name)
+            else:
+                skipped.append((root / name, f"named by {LATEST}, does not exist"))
+    order += [p for p in _steps(root) if p not in order]
+    return order, skipped
+
+
+def _reason(exc: CheckpointError) -> str:
+    return str(exc).removeprefix("checkpoint: ")
+
+
+def verify_checkpoint(directory: Path, only=None) -> dict:
+    """Read ``directory``'s config.json and check the files it lists (those named in
+    ``only``, if given; model.safetensors must be listed) against their recorded sizes and
+    SHA-256; return the config.  Any fault is a CheckpointError naming the file."""
+    config = read_config(directory)
+    files = config.get("files")
+    if not isinstance(files, dict) or MODEL not in files:
+        raise CheckpointError(f"checkpoint: {str(directory / CONFIG)!r} does not list {MODEL}")
+    names = [name for name in files if only is None or name in only]
+    try:
+        verify_files(directory, config, names)
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint: cannot read {str(directory)!r}: {exc}") from exc
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"checkpoint: {str(directory / CONFIG)!r} has a malformed file list"
+        ) from exc
+    return config
+
+
 def read_config(directory: Path) -> dict:
     try:
         config = json.loads((directory / CONFIG).read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint: {str(directory / CONFIG)!r} is unreadable") from exc
+    if not isinstance(config, dict):
+        raise CheckpointError(f"checkpoint: {str(directory / CONFIG)!r} is unreadable")
     if config.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"checkpoint: {str(directory)!r} has format version {config.get('format_version')},"

@@ -132,11 +132,15 @@ def capture(
     for g in generators:
         graph.register_generator_state(g)
     stream = side_stream(device)  # a fresh one: a failed capture may leave its stream unusable
-    stream.wait_stream(torch.cuda.current_stream(device))
+    previous = torch.cuda.current_stream(device)
+    stream.wait_stream(previous)
     try:
         with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
             body()
     except Exception as exc:  # noqa: BLE001 - any failure of a user's step means: run eagerly
+        # torch.cuda.graph leaves the capture stream current when ending the capture raises.
+        if torch.cuda.current_stream(device) != previous:
+            torch.cuda.set_stream(previous)
         del graph
         for g, state in zip(generators, states, strict=True):
             g.set_state(state)

@@ -138,6 +138,12 @@ def load(
         path: a checkpoint (with config.json), a ``checkpoints/`` folder, or a training run's
             output directory (its latest checkpoint is used); or a local diffusers
             DDPMPipeline or UNet2DModel directory (see fastdiff.diffusers_io.load_diffusers).
+            A checkpoint directory is loaded strictly: damaged weights (size or SHA-256 not
+            as recorded) raise a CheckpointError.  Given a run or ``checkpoints/`` folder, the
+            newest checkpoint whose config and weights verify is loaded, as resume does: a
+            damaged newer one is skipped with one warning (logger "fastdiff") naming it and
+            why (fastdiff.checkpoint.find_intact_checkpoint; its state.pt is not needed here,
+            so not checked); none intact raises a CheckpointError naming each.
         model: an instance to load the weights into, needed for models other than UNet.
         device: where to put it (default: CUDA when available, else CPU).
         scheduler: for a diffusers UNet2DModel directory, its scheduler config (a
@@ -151,10 +157,10 @@ def load(
         return diffusers_io.load_diffusers(path, scheduler=scheduler, device=device)
     if scheduler is not None:
         raise ValueError("scheduler: only a diffusers UNet2DModel directory takes a scheduler")
-    directory = ckpt.find_checkpoint(path)
+    directory, skipped = ckpt.find_intact_checkpoint(path, only=(ckpt.MODEL, ckpt.EMA))
+    ckpt.log_skipped("loading", directory, skipped)
     config = ckpt.read_config(directory)
     names = [n for n in (ckpt.MODEL, ckpt.EMA) if n in config.get("files", {})]
-    ckpt.verify_files(directory, config, names)
     device = resolve_device(device)
     net = build_model(config, model, str(directory))
     _load_into(net, ckpt.load_weights(directory, ckpt.MODEL), directory)

@@ -22,6 +22,14 @@ Dispatch: the ``FASTDIFF_BACKEND`` environment variable, read at every call, is 
 (default: Triton for CUDA tensors, the torch reference otherwise), ``triton`` (also on CPU
 tensors, which needs ``TRITON_INTERPRET=1`` set before Triton is imported) or ``reference``.
 fp64 inputs always take the reference path.
+
+Validation: with ``validate=True`` (the default) the step indices are range-checked (t in
+0..T-1; noise_loss: t >= 0; ddim_step: -1 <= t_prev < t).  Eagerly that reads t on the host
+(one device sync on CUDA) and raises a ValueError naming the argument; under torch.compile the
+same condition is checked on the device inside the graph (``torch._assert_async``: a
+RuntimeError naming the argument on CPU, a device-side assert on CUDA), so code calling the
+ops with their defaults traces with ``fullgraph=True``.  ``validate=False`` skips the check
+(the training loop and the samplers, which make t themselves).
 """
 
 from __future__ import annotations
@@ -115,6 +123,17 @@ def _check_like(name: str, y, x: torch.Tensor, x_name: str) -> None:
 
 
 def _check_t(t, x: torch.Tensor, T: int | None, validate: bool) -> None:
+    """t: an int64/int32 (B,) tensor on x's device; with ``validate``, its values in 0..T-1
+    (T None: only >= 0).
+
+    Eagerly the range is read on the host (one device sync on CUDA) and a value outside it
+    raises a ValueError naming t and the range found.  While torch.compile traces
+    (``torch.compiler.is_compiling()``), where that host read cannot be traced, the same
+    condition is checked on the device instead, inside the graph (``torch._assert_async``):
+    a RuntimeError naming t when the compiled code runs on CPU, a device-side assert on CUDA
+    (fatal to the process's CUDA context, but never a table read out of range).  Pass
+    validate=False to skip both (no sync, no extra kernel).
+    """
     if not isinstance(t, torch.Tensor):
         raise TypeError(
             f"t: expected an integer torch.Tensor of shape (B,), got {type(t).__name__}"
@@ -127,10 +146,33 @@ def _check_t(t, x: torch.Tensor, T: int | None, validate: bool) -> None:
         )
     if t.device != x.device:
         raise ValueError(f"t: expected device {x.device} like the images, got {t.device}")
-    if validate and T is not None and t.numel():
-        lo, hi = int(t.min()), int(t.max())
-        if lo < 0 or hi >= T:
-            raise ValueError(f"t: step indices must lie in 0..{T - 1} (0-based), got {lo}..{hi}")
+    if not (validate and t.numel()):
+        return
+    if torch.compiler.is_compiling():
+        ok = (t >= 0) if T is None else (t >= 0) & (t < T)
+        expected = ">= 0" if T is None else f"in 0..{T - 1} (0-based)"
+        torch._assert_async(ok.all(), f"t: step indices must be {expected} (checked on device)")
+        return
+    lo, hi = torch.stack(torch.aminmax(t)).tolist()  # one host read
+    if T is None and lo < 0:
+        raise ValueError(f"t: step indices must be >= 0, got {lo}")
+    if T is not None and (lo < 0 or hi >= T):
+        raise ValueError(f"t: step indices must lie in 0..{T - 1} (0-based), got {lo}..{hi}")
+
+
+def _check_t_prev(t_prev, t: torch.Tensor, validate: bool) -> None:
+    """t_prev: shaped like t; with ``validate``, -1 <= t_prev < t everywhere (a ValueError
+    eagerly, a device-side check under torch.compile: see _check_t)."""
+    if not isinstance(t_prev, torch.Tensor) or t_prev.shape != t.shape:
+        raise ValueError(f"t_prev: expected a tensor shaped like t {tuple(t.shape)}")
+    if not (validate and t.numel()):
+        return
+    ok = (t_prev < t) & (t_prev >= -1)
+    message = "t_prev: every t_prev must satisfy -1 <= t_prev < t"
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok.all(), f"{message} (checked on device)")
+    elif not bool(ok.all()):
+        raise ValueError(message)
 
 
 def _check_schedule(schedule, x: torch.Tensor) -> None:
@@ -413,8 +455,9 @@ def q_sample(
         schedule: a NoiseSchedule on x's device.
         noise: eps, shaped like x; or give ``seed`` instead to draw eps inside the kernel.
         seed: int in [0, 2**63) or a 1-element int64 tensor on x's device.
-        validate: check that t lies in 0..T-1 (one device sync on CUDA; the training loop,
-            whose t it draws itself, passes False).
+        validate: check that t lies in 0..T-1 (one device sync on CUDA; under
+            torch.compile a device-side check instead: see the module docstring; the training
+            loop, whose t it draws itself, passes False).
     Returns:
         z_t, shaped, typed and laid out like x.  Differentiable w.r.t. x (and noise).
     """
@@ -465,16 +508,15 @@ def noise_loss(
         weights: optional (B,) per-sample weights (treated as constants: no gradient).
         reduction: ``"mean"`` -> scalar mean over all elements, i.e.
             mean_n(weights[n] * mean_chw (pred - eps)^2); ``"none"`` -> (B,) per-sample losses.
-        validate: check that t holds non-negative indices (no upper bound is known here).
+        validate: check that t holds non-negative indices (no upper bound is known here;
+            under torch.compile a device-side check: see the module docstring).
     Returns:
         fp32 loss (fp64 for fp64 pred), differentiable w.r.t. pred (and noise).
     """
     _check_images("pred", pred)
     if pred.numel() == 0:  # a mean over no elements
         raise ValueError(f"pred: expected a non-empty batch, got shape {tuple(pred.shape)}")
-    _check_t(t, pred, None, False)
-    if validate and t.numel() and int(t.min()) < 0:
-        raise ValueError(f"t: step indices must be >= 0, got {int(t.min())}")
+    _check_t(t, pred, None, validate)
     _check_noise_or_seed(noise, seed, pred, "pred")
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction: expected 'mean' or 'none', got {reduction!r}")
@@ -619,10 +661,7 @@ def ddim_step(
     captured in a CUDA graph.
     """
     _check_step_inputs(z_t, pred, t, schedule, validate)
-    if not isinstance(t_prev, torch.Tensor) or t_prev.shape != t.shape:
-        raise ValueError(f"t_prev: expected a tensor shaped like t {tuple(t.shape)}")
-    if validate and t.numel() and bool((t_prev >= t).any() or (t_prev < -1).any()):
-        raise ValueError("t_prev: every t_prev must satisfy -1 <= t_prev < t")
+    _check_t_prev(t_prev, t, validate)
     _check_noise_or_seed(noise, seed, z_t, "z_t")
     if not 0.0 <= float(eta) <= 1.0:
         raise ValueError(f"eta: expected a value in [0, 1], got {eta}")

@@ -415,7 +415,8 @@ class _Run:
         gradients (allocated in the dead graph's pool) and the GradScaler's per-step record of
         which optimizers it has unscaled."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler._per_optimizer_states.clear()  # what scaler.update() resets after a step
+        if self.scaler.is_enabled():  # what scaler.update() resets after a step
+            self.scaler._per_optimizer_states.clear()
 
     def clipped_update(self) -> None:
         """Unscale the gradients, clip their global norm to ``grad_clip``, take the optimizer
@@ -672,16 +673,19 @@ class _Run:
         return result
 
     def restore(self, out: Path) -> Path | None:
-        """Load the latest checkpoint of the run in ``out`` (exact resume) and return it.  With
-        no checkpoint there at all, log a one-line notice and keep the fresh state (None)."""
+        """Load the newest intact checkpoint of the run in ``out`` (exact resume) and return it:
+        damaged newer ones are skipped with one log line naming them and why
+        (ckpt.find_intact_checkpoint; none intact: its CheckpointError).  With no checkpoint
+        there at all, log a one-line notice and keep the fresh state (None)."""
         try:
-            directory = ckpt.find_checkpoint(out)
+            directory, skipped = ckpt.find_intact_checkpoint(out)
         except ckpt.NoCheckpointError:
             if self.dist.is_main:
                 logger.warning(f"fastdiff: no checkpoint in {str(out)!r} yet; starting at step 0")
             return None
+        if self.dist.is_main:
+            ckpt.log_skipped("resuming from", directory, skipped)
         config = ckpt.read_config(directory)
-        ckpt.verify_files(directory, config, list(config.get("files", {})))
         self._check_compatible(config, directory)
         build_model(config, self.model, str(directory))
         try:

@@ -47,3 +47,62 @@ def reference_backend(monkeypatch):
 @pytest.fixture(autouse=True)
 def _seed_torch():
     torch.manual_seed(0)
+
+
+class EmulatedCuda:
+    """The CPU emulation of CUDA graphs (tests/cuda_graph_emulation.py) with fastdiff's
+    captured steps pointed at it: ``cuda_graphs.on_cuda`` says yes for the CPU, and the fused
+    ops take the Triton path (the interpreter), as on a GPU (the reference reads seeds on the
+    host, which a capture refuses)."""
+
+    def __init__(self, monkeypatch):
+        import cuda_graph_emulation
+
+        from fastdiff import cuda_graphs
+
+        self.emulator = emu = cuda_graph_emulation.install(monkeypatch)
+        self._monkeypatch = monkeypatch
+        monkeypatch.setattr(
+            torch.cuda, "set_stream", lambda s: emu._streams().update({s.device: s})
+        )
+        monkeypatch.setattr(cuda_graphs, "on_cuda", lambda device: True)
+        monkeypatch.setenv("FASTDIFF_BACKEND", "triton")
+
+    @property
+    def captures(self) -> int:
+        """Captures that succeeded."""
+        return self.emulator.captures_succeeded
+
+    @property
+    def train_captures(self) -> int:
+        """Captures that succeeded of graphs with a registered generator: the training step's
+        (the sampler's step registers none)."""
+        return sum(
+            c.status == "succeeded" and self.emulator.graphs[c.graph].generators > 0
+            for c in self.emulator.captures
+        )
+
+    @property
+    def capture_log(self):
+        """Every capture started (``cuda_graph_emulation.CaptureRecord``)."""
+        return self.emulator.captures
+
+    @property
+    def replays(self) -> int:
+        return self.emulator.replays
+
+    def disable(self) -> None:
+        """From now on the same step functions run eagerly (GraphStep without capture; the
+        sampler's eager loop), as they do on a CPU: the run to compare a captured one with."""
+        from fastdiff import cuda_graphs, train_graph
+
+        self._monkeypatch.setattr(cuda_graphs, "on_cuda", lambda device: False)
+        self._monkeypatch.setattr(
+            train_graph, "graph_enabled", lambda requested, device, dist, strict=False: requested
+        )
+
+
+@pytest.fixture
+def emulated_cuda(monkeypatch):
+    pytest.importorskip("triton")
+    return EmulatedCuda(monkeypatch)

@@ -146,3 +146,90 @@ def test_compile_true_trains_the_tiny_preset_on_cpu(monkeypatch):
     plain, comp = ([r["loss"] for r in logs[flag]] for flag in (False, True))
     assert len(comp) == 3
     torch.testing.assert_close(comp, plain, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The public ops with their default arguments (validate=True) under torch.compile(fullgraph):
+# the range checks of t / t_prev, a host read when eager, become device-side asserts while
+# tracing (ops._check_t), so tracing does not break and out-of-range steps are still refused.
+
+BAD_T = torch.tensor([0, 7, 50])  # 50 >= T
+
+
+def _public_calls(layout):
+    """name -> (function with default arguments, its inputs, the inputs with a bad t)."""
+    x, pred = _images(layout), _images(layout, seed=1)
+    t, t_prev, seed = torch.tensor([0, 7, 49]), torch.tensor([-1, 3, 40]), torch.tensor([9])
+    w, b = torch.rand(4) + 0.5, torch.randn(4)
+    return {
+        "q_sample": (lambda x, t: ops.q_sample(x, t, S, seed=5), (x, t), (x, BAD_T)),
+        "q_sample/noise": (lambda x, n, t: ops.q_sample(x, t, S, n), (x, pred, t), None),
+        "q_sample/seed tensor": (
+            lambda x, t, s: ops.q_sample(x, t, S, seed=s), (x, t, seed), (x, BAD_T, seed)
+        ),
+        "noise_loss": (
+            lambda p, t: ops.noise_loss(p, t, seed=5), (pred, t), (pred, torch.tensor([0, -1, 3]))
+        ),
+        "reverse_step": (
+            lambda z, p, t: ops.reverse_step(z, p, t, S, seed=5), (x, pred, t), (x, pred, BAD_T)
+        ),
+        "ddim_step": (
+            lambda z, p, t, tp: ops.ddim_step(z, p, t, tp, S, seed=5),
+            (x, pred, t, t_prev),
+            (x, pred, t, torch.tensor([-1, 7, 40])),  # t_prev == t
+        ),
+        "ddim_step/eta": (
+            lambda z, p, t, tp: ops.ddim_step(z, p, t, tp, S, seed=5, eta=0.5),
+            (x, pred, t, t_prev),
+            (x, pred, BAD_T, t_prev),
+        ),
+        "group_norm_silu": (lambda x, w, b: ops.group_norm_silu(x, 2, w, b), (x, w, b), None),
+    }  # fmt: skip
+
+
+def _check_public_ops_compile(layout):
+    torch._dynamo.reset()
+    for name, (fn, args, bad) in _public_calls(layout).items():
+        compiled = torch.compile(fn, backend="eager", fullgraph=True)
+        assert torch.equal(compiled(*args), fn(*args)), name
+        if bad is None:
+            continue
+        word = "t_prev" if name == "ddim_step" else "t"
+        with pytest.raises(ValueError, match=rf"^{word}: "):  # eager: before any work
+            fn(*bad)
+        with pytest.raises(RuntimeError, match=rf"{word}: .*checked on device"):
+            compiled(*bad)
+
+
+def test_public_ops_with_defaults_compile_fullgraph(reference_backend):
+    """Every public op, default arguments, fullgraph (Dynamo, eager backend) on the torch
+    reference: the same result as eager, and a bad t raises in both (ValueError eagerly, a
+    RuntimeError from the device-side check when compiled)."""
+    _check_public_ops_compile("contiguous")
+
+
+def test_public_ops_with_defaults_compile_fullgraph_triton(triton_backend):
+    """The same through the Triton kernels (interpreter on CPU); channels_last, so that
+    group_norm_silu takes its fused kernel too."""
+    _check_public_ops_compile("channels_last")
+
+
+def _all_ops(x, pred, t, t_prev):
+    z = ops.q_sample(x, t, S, seed=3)
+    loss = ops.noise_loss(pred, t, seed=3)
+    z = ops.reverse_step(z, pred, t, S, seed=4)
+    z = ops.ddim_step(z, pred, t, t_prev, S, seed=5)
+    return ops.group_norm_silu(z, 2, None, None) * loss
+
+
+@pytest.mark.slow
+def test_public_ops_with_defaults_compile_with_inductor(reference_backend):
+    """The default backend (Inductor, C++ on CPU) over a chain of all the ops with their
+    defaults: the eager values, and the device-side t check raises from the compiled code."""
+    torch._dynamo.reset()
+    x, pred = _images("contiguous"), _images("contiguous", seed=1)
+    t, t_prev = torch.tensor([0, 7, 49]), torch.tensor([-1, 3, 40])
+    compiled = torch.compile(_all_ops, fullgraph=True)
+    torch.testing.assert_close(compiled(x, pred, t, t_prev), _all_ops(x, pred, t, t_prev))
+    with pytest.raises(RuntimeError, match="t: step indices must be in 0..49"):
+        compiled(x, pred, BAD_T, t_prev)

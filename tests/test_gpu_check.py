@@ -55,3 +55,96 @@ def test_bench_parts_select_the_cuda_cases_once():
     assert core | got["bench-train-more"] == train and not core & got["bench-train-more"]
     assert got["bench-sample"] == collected("test_bench_train_sample.py", "test_sample and cuda")
     assert got["bench-ops"] == collected("test_bench_ops.py", "cuda")
+
+
+#: A pytest plugin for a collect-only child: writes, for every collected test, whether it is
+#: CUDA-only: a skipif whose condition (a string) or reason names CUDA, or a ``cuda`` marker.
+_PROBE = """
+import json, os
+
+def _cuda_only(item):
+    if item.get_closest_marker("cuda") is not None:
+        return True
+    for mark in item.iter_markers("skipif"):
+        text = " ".join(str(a) for a in mark.args if isinstance(a, str))
+        text += " " + str(mark.kwargs.get("reason", ""))
+        if "cuda" in text.lower():
+            return True
+    return False
+
+def pytest_collection_finish(session):
+    with open(os.environ["FASTDIFF_PROBE_OUT"], "w") as f:
+        json.dump({item.nodeid: _cuda_only(item) for item in session.items}, f)
+"""
+
+
+def _collect_suite(tmp_path: Path) -> dict[str, bool]:
+    """``pytest --collect-only tests`` (from the checkout, with the probe plugin): every test's
+    node id, and whether it is CUDA-only."""
+    import json
+
+    (tmp_path / "cuda_probe.py").write_text(_PROBE)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
+    env["FASTDIFF_PROBE_OUT"] = str(tmp_path / "suite.json")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+         "-p", "cuda_probe", "tests"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads((tmp_path / "suite.json").read_text())
+
+
+def _selects(args: list[str], nodeid: str) -> bool:
+    """Whether pytest run with the path / node-id arguments ``args`` (absolute, no options)
+    runs the test ``nodeid`` (relative to the checkout): a file selects its tests, a node id
+    itself, its parametrizations and, for a class, its methods."""
+    for arg in args:
+        rel = Path(arg.split("::")[0]).relative_to(ROOT).as_posix()
+        rel += arg[len(arg.split("::")[0]) :]
+        if nodeid == rel or nodeid.startswith((rel + "::", rel + "[")):
+            return True
+    return False
+
+
+def test_tests_part_selects_every_cuda_only_test(tmp_path):
+    """gpu_check's ``tests`` part (its exact pytest arguments, matched against the collected
+    suite) runs every test of the suite that only runs with CUDA (a skipif naming CUDA: the
+    clipped graph samplers, the bf16 sampling copy, the captured training step, the hot
+    loop, ...), and every file whose tests run on helpers.DEVICE (the kernels on CUDA tensors
+    when a GPU is present) in full.  That each argument names an existing test is what the
+    smoke run above checks (pytest stops with "not found" otherwise)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    suite = _collect_suite(tmp_path)
+    args = gpu_check.tests_part_args()
+    assert args and not any(a.startswith("-") for a in args), args
+    cuda_only = {nodeid for nodeid, only in suite.items() if only}
+    # The probe finds the known ones (so an empty set cannot pass unnoticed).
+    for known in ["tests/test_training.py::test_cuda_hot_loop_does_not_synchronise[fp32]",
+                  "tests/test_ddpm_clip.py::test_clipped_samplers_replay_without_host_syncs",
+                  "tests/test_low_precision.py::"
+                  "test_cuda_bf16_sampling_uses_the_copy_and_keeps_the_model",
+                  "tests/test_sampling.py::test_cuda_graph_matches_eager",
+                  "tests/test_train_graph.py::test_graph_resume_is_exact_on_cuda"]:  # fmt: skip
+        assert any(n == known or n.startswith(known + "[") for n in cuda_only), known
+    missing = sorted(n for n in cuda_only if not _selects(args, n))
+    assert not missing, f"CUDA-only tests gpu_check's tests part does not run: {missing}"
+    on_device = {
+        path.relative_to(ROOT).as_posix()
+        for path in (ROOT / "tests").glob("test_*.py")
+        if any(
+            line.startswith("from helpers import") and "DEVICE" in line
+            for line in path.read_text().splitlines()
+        )
+    }
+    partial = sorted(
+        f for f in on_device if not all(_selects(args, n) for n in suite if n.startswith(f + "::"))
+    )
+    assert not partial, f"files testing on helpers.DEVICE not run in full: {partial}"
+    smoke = gpu_check.tests_part_args(smoke=True)
+    assert smoke == [*args, "-k", gpu_check.SMOKE_K]

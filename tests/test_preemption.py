@@ -446,3 +446,25 @@ def test_a_signal_to_one_rank_stops_every_rank(tmp_path, npz):
     """Rank 0 never sees the signal; the per-step agreement stops it at rank 1's step."""
     step = stop_ranks(npz, tmp_path / "run", signalled=(1,))
     assert fastdiff.load(tmp_path / "run").config["step"] == step
+
+
+def test_resume_after_a_stop_whose_checkpoint_was_damaged_takes_the_one_before(tmp_path, caplog):
+    """A run stopped by SIGTERM at step 4 (checkpoints 2 and 4); the stop's checkpoint is then
+    truncated (the disk, a copy): resume warns once, takes step 2 and still ends on the weights
+    of a straight run."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    kw = dict(TINY, checkpoint_every=2)
+    with pytest.raises(TrainingInterrupted) as info:
+        fastdiff.train(data(), steps=1000, out_dir=b, on_log=kill_self_at(4), **kw)
+    stop = info.value.checkpoint
+    assert stop == b / "checkpoints" / "step_00000004"
+    state = stop / ckpt.STATE
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    with caplog.at_level("WARNING", logger="fastdiff"):
+        fastdiff.train(data(), steps=7, out_dir=b, resume=True, **kw)
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "fastdiff"]
+    assert f"resuming from {str(b / 'checkpoints' / 'step_00000002')!r}" in line, line
+    assert f"skipped {str(stop)!r}" in line and "state.pt' is truncated" in line, line
+    fastdiff.train(data(), steps=7, out_dir=a, **kw)
+    assert same_weights(ckpt.find_checkpoint(a), ckpt.find_checkpoint(b))
+    assert logged_steps(b) == logged_steps(a) == [2, 4, 6, 7]

@@ -2,7 +2,8 @@
 
 CPU: the device-resident step function (device step counter, lr schedule, EMA decay, seeds,
 on-device batch indexing, fused capturable AdamW) runs eagerly and is checked against the
-eager step, through a checkpoint and resume too.  CUDA (skipped without a GPU): the captured
+eager step; capture, replay, resume and the fallbacks run through the CUDA-graph emulation in
+tests/test_graph_capture.py.  CUDA (skipped without a GPU): the captured
 and replayed step against the eager step, no host synchronisation inside replays, exact
 resume, data streamed from host memory.
 """
@@ -13,7 +14,7 @@ import types
 
 import pytest
 import torch
-from test_training import TINY, tiny_data
+from test_training import tiny_data
 from torch.utils.data import Dataset, TensorDataset
 
 import fastdiff
@@ -31,8 +32,12 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.fixture
 def graph_on_cpu(monkeypatch):
-    """Runs asking for cuda_graph get the GraphStep on CPU too (run eagerly: no capture)."""
-    monkeypatch.setattr(train_graph, "graph_enabled", lambda requested, device, dist, strict=False: requested)
+    """Runs asking for cuda_graph get the GraphStep on CPU, run eagerly (no capture): the
+    device-resident step function against the eager step.  Capture and replay are tested
+    through the CUDA-graph emulation in tests/test_graph_capture.py."""
+    monkeypatch.setattr(
+        train_graph, "graph_enabled", lambda requested, device, dist, strict=False: requested
+    )
 
 
 def make_run(data, device="cpu", *, graph, precision="fp32", batch_size=8, log_every=50,
@@ -186,58 +191,23 @@ def test_device_step_equals_the_eager_step(graph_on_cpu, source):
     assert torch.equal(group["lr"], torch.tensor(eager.lr_at(6), dtype=torch.float32))
 
 
-def test_replays_bump_the_weights_versions(graph_on_cpu):
-    """A replay writes the weights without autograd seeing it; handing the weights out
-    (``_Run.diffusion``, what grids and train() use) bumps their version counters as an eager
-    step would, so the bf16 sampling copy (cached on them) is made again from the new EMA
-    weights instead of being served stale."""
+def test_replays_bump_the_weights_versions(emulated_cuda):
+    """A replay writes the weights without autograd seeing it (the emulated graph, like a real
+    one, re-runs its ops below autograd); handing the weights out (``_Run.diffusion``, what
+    grids and train() use) bumps their version counters as an eager step would, so the bf16
+    sampling copy (cached on them) is made again from the new EMA weights instead of being
+    served stale."""
     run = _run_steps(make_run(tiny_data(n=20), graph=True), train_graph.WARMUP_STEPS)
+    assert run.graph_step.graph is not None  # captured after the last warm-up step
     shadow = run.ema.shadow
-
-    class Replay:  # the captured graph's stand-in: rewrites the weights in place
-        def replay(self):
-            with torch.no_grad():  # through .data: a separate version counter, like a kernel
-                for p in (*run.model.parameters(), *shadow.parameters()):
-                    p.data.add_(0.25)
-
-    run.graph_step.graph = Replay()
     bf16, cuda = resolve_precision("bf16", torch.device("cpu")), torch.device("cuda")
     first = sampling_model(run.diffusion().ema_model, bf16, cuda, channels_last=False)
-    run.train_step()
+    before = shadow.conv_in.bias.clone()
+    run.train_step()  # one replay
+    assert emulated_cuda.replays == 1 and not torch.equal(shadow.conv_in.bias, before)
     second = sampling_model(run.diffusion().ema_model, bf16, cuda, channels_last=False)
-    assert run.step == train_graph.WARMUP_STEPS + 1 and second is not first
+    assert second is not first
     torch.testing.assert_close(second.conv_in.bias.float(), shadow.conv_in.bias, rtol=2**-8, atol=0)
-
-
-@pytest.mark.slow
-def test_device_step_resume_is_exact(graph_on_cpu, tmp_path):
-    """N steps, checkpoint, resume to N + M == N + M steps, through fastdiff.train: the counter
-    comes from the checkpoint's step, the lr tensor is bound into the restored optimizer and
-    the data permutation is copied in again."""
-    data = tiny_data()
-    kw = dict(batch_size=8, log_every=3, checkpoint_every=4, lr=1e-3, n_samples=2, **TINY)
-    straight = fastdiff.train(data, steps=10, out_dir=tmp_path / "a", **kw)
-    fastdiff.train(data, steps=6, out_dir=tmp_path / "b", **kw)
-    resumed = fastdiff.train(data, steps=10, out_dir=tmp_path / "b", resume=True, **kw)
-    assert max_diff(straight.model, resumed.model) == 0
-    assert max_diff(straight.ema_model, resumed.ema_model) == 0
-
-
-@pytest.mark.slow
-def test_checkpoints_move_between_graph_and_eager_steps(graph_on_cpu, tmp_path):
-    """An eager run's checkpoint resumes with the graph step (the lr tensor and capturable flag
-    are bound into the loaded optimizer) and a graph run's with the eager step."""
-    data = tiny_data()
-    kw = dict(batch_size=8, log_every=3, checkpoint_every=3, lr=1e-3, n_samples=1, **TINY)
-    kw["precision"] = "fp32"  # in bf16 the two AdamW implementations' rounding is amplified
-    straight = fastdiff.train(data, steps=6, out_dir=tmp_path / "a", cuda_graph=False, **kw)
-    for first in (False, True):
-        out = tmp_path / f"from_{'graph' if first else 'eager'}"
-        fastdiff.train(data, steps=3, out_dir=out, cuda_graph=first, **kw)
-        resumed = fastdiff.train(data, steps=6, out_dir=out, resume=True, cuda_graph=not first,
-                                 **kw)  # fmt: skip
-        assert max_diff(straight.model, resumed.model) < 1e-5, first
-        assert max_diff(straight.ema_model, resumed.ema_model) < 1e-5, first
 
 
 # -- CUDA: the captured step ----------------------------------------------------------------------

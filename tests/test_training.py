@@ -194,17 +194,121 @@ def test_train_from_numpy_uint8_and_dataset():
     assert d.image_shape == (1, 8, 8)
 
 
+class _Watch:
+    """What a training run's model receives, seen from hooks on the model (its input z),
+    an inner conv (mid_block1.conv1: input, output and weight as the conv sees them) and the
+    zero-initialised output conv's weight gradient (the only non-zero one at step 0) as
+    backward delivers it, before the GradScaler unscales it."""
+
+    INNER = "mid_block1.conv1"
+
+    def __init__(self, model: nn.Module):
+        self.z, self.inner, self.grads = [], [], []
+        inner = model.get_submodule(self.INNER)
+
+        def on_model(module, args):
+            z = args[0]
+            self.z.append(
+                dict(dtype=z.dtype, channels_last=_is_channels_last(z),
+                     contiguous=z.is_contiguous(), autocast=torch.is_autocast_enabled("cpu"),
+                     autocast_dtype=torch.get_autocast_dtype("cpu"))
+            )  # fmt: skip
+
+        def on_inner(module, args, out):
+            x = args[0]
+            self.inner.append(
+                dict(in_dtype=x.dtype, out_dtype=out.dtype, in_channels_last=_is_channels_last(x),
+                     in_contiguous=x.is_contiguous(),
+                     weight_channels_last=_is_channels_last(module.weight),
+                     weight_contiguous=module.weight.is_contiguous())
+            )  # fmt: skip
+
+        model.register_forward_pre_hook(on_model)
+        inner.register_forward_hook(on_inner)
+        model.conv_out.weight.register_hook(lambda g: self.grads.append(g.detach().clone()))
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    """Laid out (n, h, w, c) and not also (n, c, h, w) (3+ channels tell them apart)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _watched_run(precision, channels_last=False, steps=3, monkeypatch=None):
+    """A tiny-preset run on 3-channel 8x8 images (so the two layouts differ) with its model
+    watched; returns the watch, the run's Diffusion and its GradScaler(s)."""
+    from fastdiff.training import model_for_data
+
+    scalers = []
+    if monkeypatch is not None:
+
+        class RecordingScaler(torch.amp.GradScaler):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                scalers.append(self)
+
+        monkeypatch.setattr(torch.amp, "GradScaler", RecordingScaler)
+    torch.manual_seed(0)
+    model = model_for_data((3, 8, 8), "tiny")
+    watch = _Watch(model)
+    d = fastdiff.train(tiny_data(channels=3), model, steps=steps, batch_size=4, lr=1e-3,
+                       precision=precision, channels_last=channels_last, **TINY)  # fmt: skip
+    return watch, d, scalers
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
-def test_each_precision_trains(precision):
-    """bf16 autocast, fp16 autocast with a GradScaler, and fp32 all step and stay finite."""
-    d = fastdiff.train(tiny_data(), steps=3, batch_size=4, precision=precision, **TINY)
+def test_each_precision_reaches_the_model(monkeypatch, precision):
+    """bf16 / fp16: the forward runs under CPU autocast to that dtype (the model's input z
+    stays fp32, as q_sample makes it; the convs compute and return the autocast dtype; the
+    weights stay fp32).  fp16 also scales the loss: the GradScaler is enabled, at its initial
+    scale 2**16 after 3 finite steps, and the first step's weight gradient that backward
+    delivers is 2**16 times the fp32 run's (same batch, t and noise).  fp32: no autocast, no
+    scaling.  Every run stays finite."""
+    watch, d, scalers = _watched_run(precision, monkeypatch=monkeypatch)
+    want = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
     assert d.config["precision"] == precision
+    assert len(watch.z) == len(watch.inner) == 3
+    for z in watch.z:
+        assert z["dtype"] == torch.float32, z
+        assert z["autocast"] is (want is not None), z
+        if want is not None:
+            assert z["autocast_dtype"] == want, z
+    for seen in watch.inner:
+        assert seen["out_dtype"] == (want or torch.float32), seen
+    assert all(p.dtype == torch.float32 for p in d.model.parameters())
     assert all(torch.isfinite(p).all() for p in d.model.parameters())
+    assert len(scalers) == 1
+    scaler = scalers[0]
+    assert scaler.is_enabled() is (precision == "fp16")
+    if precision != "fp16":
+        return
+    assert scaler.get_scale() == 2.0**16
+    fp32_watch, _, _ = _watched_run("fp32")
+    scaled, plain = watch.grads[0].float(), fp32_watch.grads[0]
+    assert bool(torch.isfinite(scaled).all()) and float(plain.norm()) > 0
+    ratio = float(scaled.norm() / plain.norm())
+    assert ratio == pytest.approx(2.0**16, rel=0.01), ratio  # measured: 0.99993 x 2**16
 
 
-def test_channels_last_training_runs():
-    d = fastdiff.train(tiny_data(), steps=2, batch_size=4, channels_last=True, **TINY)
-    assert d.config["channels_last"] is True
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_channels_last_reaches_the_model(channels_last, precision):
+    """channels_last=True: the model gets z laid out (n, h, w, c), its conv weights are
+    channels_last and the activations stay so inside (the inner conv's input); False: all
+    plain contiguous (NCHW)."""
+    watch, d, _ = _watched_run(precision, channels_last=channels_last, steps=2)
+    assert d.config["channels_last"] is channels_last
+    assert len(watch.z) == len(watch.inner) == 2
+    for z in watch.z:
+        assert z["channels_last"] is channels_last and z["contiguous"] is not channels_last, z
+    for seen in watch.inner:
+        assert seen["in_channels_last"] is channels_last, seen
+        assert seen["in_contiguous"] is not channels_last, seen
+        assert seen["weight_channels_last"] is channels_last, seen
+        assert seen["weight_contiguous"] is not channels_last, seen
+    conv_in = d.model.conv_in.weight
+    assert (
+        _is_channels_last(conv_in) is channels_last and conv_in.is_contiguous() is not channels_last
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -231,6 +335,7 @@ def test_cuda_hot_loop_does_not_synchronise(precision):
         resolve_precision(precision, dev),
         True,
         0,
+        strict=True,
     )
     for _ in range(3):
         run.train_step()

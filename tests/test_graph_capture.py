@@ -1,0 +1,365 @@
+"""Captured training and sampling steps, run through the CPU emulation of CUDA graphs
+(tests/cuda_graph_emulation.py: capture records the step's ops without their effects, replay
+re-runs the record without the step's Python, host reads during capture raise).
+
+What is checked: N steps with capture and replays equal N eager steps bitwise; inputs are
+prepared before each replay; re-capture after a restore; no capture on a run's last step;
+a step that cannot be captured (a model reading a tensor on the host, the torch reference
+backend) continues eagerly from the same state with one log line, or raises in strict mode;
+the graph, its pool and the optimizer state are released when ``train()`` returns; an
+optimizer state from an eager or CPU run is moved where the fused kernel reads it.
+"""
+
+import gc
+import logging
+import weakref
+
+import pytest
+import torch
+from test_train_graph import make_run, max_diff, state_equal
+from test_training import TINY, tiny_data
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import fastdiff
+from fastdiff import train_graph, training
+from fastdiff.precision import resolve_precision
+from fastdiff.sampling import Sampler, StepBuffers, run_sampler
+
+pytest.importorskip("triton")
+
+CPU = torch.device("cpu")
+#: The smallest sample grid a run with out_dir writes (its sampler is graphed too).
+GRID = dict(n_samples=1, sample_sampler="ddim", sample_steps=2)
+#: fp32 contiguous: CPU auto may pick channels_last, whose GroupNorm+SiLU would run in the
+#: (slow) Triton interpreter too.
+TINY = {**TINY, "precision": "fp32", "channels_last": False}
+FP32 = resolve_precision("fp32", CPU)
+
+
+class HostReadingModel(nn.Module):
+    """A user model that reads a tensor on the host in forward (``.item()``): it trains
+    eagerly, but a CUDA graph cannot capture it."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = training.model_for_data((1, 8, 8), "tiny")
+
+    def forward(self, z, t):
+        scale = 1.0 + 0.0 * float(z.abs().amax().item())
+        return self.inner(z, t) * scale
+
+
+def _graph_steps(run, n):
+    for _ in range(n):
+        run.train_step()
+    return run
+
+
+# -- the training step ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["in_memory", "streamed"])
+def test_replayed_training_equals_the_eager_step_bitwise(emulated_cuda, source):
+    """3 warm-up steps, a capture, 4 replays == 7 eager runs of the same step function: same
+    batches across epoch boundaries (5 images, batch 2: each replay's input is prepared
+    before it), t, noise, lr, AdamW state and EMA, bit for bit."""
+    data = tiny_data(n=5)
+    if source == "streamed":
+        data = TensorDataset(data)
+    replayed = _graph_steps(make_run(data, graph=True, batch_size=2), 7)
+    assert replayed.graph_step.graph is not None
+    assert emulated_cuda.captures == 1 and emulated_cuda.replays == 4
+    emulated_cuda.disable()  # the same step function, eagerly
+    eager = _graph_steps(make_run(data, graph=True, batch_size=2), 7)
+    assert eager.graph_step.graph is None
+    assert max_diff(replayed.model, eager.model) == 0
+    assert max_diff(replayed.ema.shadow, eager.ema.shadow) == 0
+    assert torch.equal(replayed.losses, eager.losses)
+    assert torch.equal(replayed.t_gen.get_state(), eager.t_gen.get_state())
+    assert state_equal(replayed.batches.state_dict(), eager.batches.state_dict())
+    assert state_equal(replayed.optimizer.state_dict(), eager.optimizer.state_dict())
+    assert int(replayed.graph_step.counter) == replayed.step == 7
+
+
+@pytest.mark.parametrize("steps", [train_graph.WARMUP_STEPS, train_graph.WARMUP_STEPS + 1])
+def test_no_capture_for_a_run_that_ends_with_the_warm_up(emulated_cuda, steps):
+    fastdiff.train(tiny_data(n=4), steps=steps, batch_size=2, **TINY)
+    assert emulated_cuda.captures == (steps > train_graph.WARMUP_STEPS)
+
+
+def test_restore_recaptures_and_resume_is_exact(emulated_cuda, tmp_path):
+    """A checkpoint restored into a run replaces the optimizer state: the step warms up and
+    captures again, and 4 + resume to 8 == 8 straight, bitwise."""
+    kw = dict(batch_size=2, log_every=2, checkpoint_every=4, lr=1e-3, **TINY, **GRID)
+    data = tiny_data(n=6)
+    straight = fastdiff.train(data, steps=8, out_dir=tmp_path / "a", **kw)
+    assert emulated_cuda.train_captures == 1
+    fastdiff.train(data, steps=4, out_dir=tmp_path / "b", **kw)
+    resumed = fastdiff.train(data, steps=8, out_dir=tmp_path / "b", resume=True, **kw)
+    assert emulated_cuda.train_captures == 3  # straight, the first part, the resumed part
+    assert max_diff(straight.model, resumed.model) == 0
+    assert max_diff(straight.ema_model, resumed.ema_model) == 0
+
+
+def test_checkpoints_move_between_eager_and_graph_steps(emulated_cuda, tmp_path):
+    """An eager run's checkpoint (non-fused AdamW state) resumes in a captured step and a
+    captured run's in the eager step: the same training as a run that never moved, within
+    the rounding by which the two step functions differ (lr in fp32, EMA arithmetic)."""
+    kw = dict(batch_size=2, log_every=4, checkpoint_every=4, lr=1e-3, **TINY, **GRID)
+    kw["precision"] = "fp32"
+    data = tiny_data(n=6)
+    straight = fastdiff.train(data, steps=8, out_dir=tmp_path / "a", cuda_graph=False, **kw)
+    for first in (False, True):
+        out = tmp_path / f"from_{'graph' if first else 'eager'}"
+        fastdiff.train(data, steps=4, out_dir=out, cuda_graph=first, **kw)
+        captures = emulated_cuda.train_captures
+        resumed = fastdiff.train(data, steps=8, out_dir=out, resume=True, cuda_graph=not first,
+                                 **kw)  # fmt: skip
+        assert emulated_cuda.train_captures == captures + (not first)  # the graph run captured
+        assert max_diff(straight.model, resumed.model) < 1e-5, first
+        assert max_diff(straight.ema_model, resumed.ema_model) < 1e-5, first
+
+
+def test_bind_moves_the_optimizer_state_where_the_fused_step_reads_it(emulated_cuda):
+    """A state loaded from another run keeps its ``step`` where that run had it (a host or
+    float64 tensor); binding puts every state tensor on its parameter's device, ``step`` in
+    float32 and the moments in the parameter's dtype."""
+    run = make_run(tiny_data(n=4), graph=True, batch_size=2)
+    eager = torch.optim.AdamW(run.model.parameters(), lr=1e-3)  # not fused, not capturable
+    for p in run.model.parameters():
+        p.grad = torch.ones_like(p)
+    eager.step()
+    state = eager.state_dict()
+    for s in state["state"].values():
+        s["step"] = s["step"].double()
+        s["exp_avg"] = s["exp_avg"].double()
+    run.optimizer.load_state_dict(state)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.train_step()
+    for p in run.model.parameters():
+        st = run.optimizer.state[p]
+        assert st["step"].dtype == torch.float32 and st["step"].device == p.device
+        assert st["exp_avg"].dtype == p.dtype and st["exp_avg_sq"].dtype == p.dtype
+        assert float(st["step"]) == 2.0
+    group = run.optimizer.param_groups[0]
+    assert group["fused"] and group["capturable"] and group["lr"] is run.graph_step.lr
+
+
+def test_a_model_that_cannot_be_captured_trains_eagerly_from_the_same_state(emulated_cuda,
+                                                                             caplog):  # fmt: skip
+    """The capture fails (host read in forward): one log line names the cause, nothing of the
+    capture stays (no graph, generators and data where they were), and the run's weights
+    after N steps are those of the same run never captured, bitwise."""
+
+    def run_with(model_seed=0):
+        torch.manual_seed(model_seed)
+        model = HostReadingModel()
+        with caplog.at_level(logging.WARNING, logger="fastdiff"):
+            return fastdiff.train(tiny_data(n=5), model=model, steps=5, batch_size=2, **TINY)
+
+    failed = run_with()
+    messages = [r.getMessage() for r in caplog.records if "cuda_graph" in r.getMessage()]
+    assert len(messages) == 1, messages
+    assert "training step: cuda_graph: the capture failed" in messages[0]
+    assert "operation not permitted when stream is capturing" in messages[0]
+    assert emulated_cuda.replays == 0
+    emulated_cuda.disable()  # the same runs, never captured
+    eager = run_with()
+    assert max_diff(failed.model, eager.model) == 0
+    assert max_diff(failed.ema_model, eager.ema_model) == 0
+
+
+def test_strict_mode_refuses_the_fallback(emulated_cuda, monkeypatch):
+    kw = dict(model=HostReadingModel(), steps=4, batch_size=2, **TINY)
+    with pytest.raises(fastdiff.GraphCaptureError, match="the capture failed"):
+        fastdiff.train(tiny_data(n=4), strict=True, **kw)
+    monkeypatch.setenv("FASTDIFF_STRICT", "1")
+    with pytest.raises(fastdiff.GraphCaptureError, match="the capture failed"):
+        fastdiff.train(tiny_data(n=4), **kw)
+    monkeypatch.setenv("FASTDIFF_STRICT", "maybe")
+    with pytest.raises(ValueError, match="FASTDIFF_STRICT"):
+        fastdiff.train(tiny_data(n=4), **kw)
+
+
+def test_the_reference_backend_is_not_captured(emulated_cuda, monkeypatch, caplog, tmp_path):
+    """The reference ops read the seed on the host (illegal in a capture): graphs are not
+    attempted (training step and sample grid), one log line each says why, strict mode
+    refuses."""
+    monkeypatch.setenv("FASTDIFF_BACKEND", "reference")
+    with caplog.at_level(logging.WARNING, logger="fastdiff"):
+        fastdiff.train(tiny_data(n=4), steps=5, batch_size=2, n_samples=1, out_dir=tmp_path,
+                       sample_sampler="ddim", sample_steps=2, **TINY)  # fmt: skip
+    said = [r.getMessage() for r in caplog.records if "cuda_graph" in r.getMessage()]
+    assert any("training step" in m and "FASTDIFF_BACKEND=reference" in m for m in said), said
+    assert any("sampling" in m and "FASTDIFF_BACKEND=reference" in m for m in said), said
+    assert emulated_cuda.captures == 0
+    with pytest.raises(fastdiff.GraphCaptureError, match="reads the noise seed on the host"):
+        fastdiff.train(tiny_data(n=4), steps=5, batch_size=2, strict=True, **TINY)
+
+
+def test_the_graph_and_the_optimizer_state_go_when_train_returns(emulated_cuda, monkeypatch):
+    """No reference cycle keeps the run (and with it the graph, its pool, the optimizer
+    state) alive after train() returns: they are freed by reference counting alone."""
+    runs = []
+    real_loop = training._Run.loop
+
+    def loop(self, *args, **kwargs):
+        runs.append(weakref.ref(self))
+        return real_loop(self, *args, **kwargs)
+
+    monkeypatch.setattr(training._Run, "loop", loop)
+    graphs = []
+    real_capture = train_graph.GraphStep._capture
+
+    def capture(self):
+        real_capture(self)
+        graphs.append((weakref.ref(self.graph), weakref.ref(self), weakref.ref(self.run.optimizer)))
+
+    monkeypatch.setattr(train_graph.GraphStep, "_capture", capture)
+    gc.collect()
+    gc.disable()
+    try:
+        fastdiff.train(tiny_data(n=4), steps=5, batch_size=2, **TINY)
+        assert len(graphs) == 1 and len(runs) == 1
+        assert runs[0]() is None
+        assert all(ref() is None for ref in graphs[0])
+    finally:
+        gc.enable()
+
+
+def test_captures_use_a_stream_of_their_device_in_thread_local_mode(emulated_cuda):
+    run = _graph_steps(make_run(tiny_data(n=4), graph=True, batch_size=2), train_graph.WARMUP_STEPS)
+    assert run.graph_step.graph is not None
+    sampler = Sampler(run.model.eval(), run.schedule, precision=FP32, channels_last=False,
+                      sampler="ddim", steps=3)  # fmt: skip
+    with torch.inference_mode():
+        run_sampler(sampler, 1, (1, 8, 8), CPU, seed=0, batch_size=1, cuda_graph=True)
+    assert emulated_cuda.captures == 2
+    for capture in emulated_cuda.capture_log:
+        assert capture.capture_error_mode == "thread_local"
+        assert capture.stream is not None and capture.stream.device == CPU
+
+
+# -- the sampler ----------------------------------------------------------------------------------
+
+
+def _sampler(model=None, kind="ddpm", steps=None, T=20):
+    schedule = fastdiff.NoiseSchedule.linear(T)
+    model = model or training.model_for_data((1, 8, 8), "tiny").eval()
+    return Sampler(model, schedule, precision=FP32, channels_last=False, sampler=kind,
+                   steps=steps)  # fmt: skip
+
+
+@pytest.mark.parametrize("kind,steps,T", [("ddpm", None, 5), ("ddim", 3, 20), ("ddpm", None, 2)])
+def test_replayed_sampler_equals_the_eager_chain_bitwise(emulated_cuda, kind, steps, T):
+    """Capture once, replay per step: the eager chain's images bit for bit, twice (the cached
+    graph); the warm-up stays inside the chain (T = 2: three warm-up steps of a 2-step chain
+    would read t = -1) and draws nothing from the default generator."""
+    sampler = _sampler(kind=kind, steps=steps, T=T)
+    z0 = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        eager = sampler.run_eager(StepBuffers(z0.clone(), sampler.timesteps[0], 5)).clone()
+        rng = torch.get_rng_state()
+        graph = sampler.run_graph(z0, 5)
+        assert torch.equal(torch.get_rng_state(), rng)  # the default generator is untouched
+        again = sampler.run_graph(z0, 5)  # the cached graph
+    assert emulated_cuda.captures == 1
+    assert emulated_cuda.replays == 2 * sampler.num_steps
+    assert torch.equal(graph, eager) and torch.equal(again, eager)
+
+
+class HostBranchDenoiser(nn.Module):
+    """Reads t on the host to pick a branch: what a real graph would freeze at capture."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, z, t):
+        if int(t[0]) > 2:  # a host read: fails the capture
+            return z * self.scale
+        return z * 0.1
+
+
+def test_a_sampler_that_cannot_be_captured_runs_eagerly(emulated_cuda, caplog):
+    sampler = _sampler(HostBranchDenoiser(), T=5)
+    z0 = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        eager = sampler.run_eager(StepBuffers(z0.clone(), sampler.timesteps[0], 5)).clone()
+        with caplog.at_level(logging.WARNING, logger="fastdiff"):
+            fallback = sampler.run_graph(z0, 5)
+            again = sampler.run_graph(z0, 5)  # no second attempt, no second line
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "sampling: cuda_graph: the capture failed" in said[0]
+    assert sampler.graph_failed and emulated_cuda.replays == 0
+    assert torch.equal(fallback, eager) and torch.equal(again, eager)
+    with torch.inference_mode(), pytest.raises(fastdiff.GraphCaptureError):
+        _sampler(HostBranchDenoiser(), T=5).run_graph(z0, 5, strict=True)
+
+
+# -- CUDA (skipped without a GPU) -----------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+def test_a_model_with_item_trains_on_cuda_with_the_default_graph(caplog):
+    """The real capture fails on ``.item()``; training goes on eagerly (one log line) and
+    equals a run with cuda_graph=False within the GPU's run-to-run differences."""
+
+    def run(**kw):
+        torch.manual_seed(0)
+        return fastdiff.train(tiny_data(n=20), model=HostReadingModel(), steps=7, batch_size=8,
+                              **{**TINY, "device": "cuda"}, **kw)  # fmt: skip
+
+    with caplog.at_level(logging.WARNING, logger="fastdiff"):
+        fallback = run()
+    assert any("the capture failed" in r.getMessage() for r in caplog.records)
+    eager, again = run(cuda_graph=False), run(cuda_graph=False)
+    assert max_diff(fallback.model, eager.model) <= 1e-4 + 4 * max_diff(eager.model, again.model)
+    with pytest.raises(fastdiff.GraphCaptureError):
+        run(strict=True)
+    sampler = Sampler(HostBranchDenoiser().cuda(), fastdiff.NoiseSchedule.linear(20).to("cuda"),
+                      precision=resolve_precision("fp32", torch.device("cuda")),
+                      channels_last=False)  # fmt: skip
+    z0 = torch.randn(2, 1, 8, 8, device="cuda")
+    with torch.inference_mode():
+        eager_chain = sampler.run_eager(StepBuffers(z0.clone(), sampler.timesteps[0], 5)).clone()
+        assert torch.equal(sampler.run_graph(z0, 5), eager_chain) and sampler.graph_failed
+
+
+@needs_cuda
+def test_a_cpu_checkpoint_resumes_in_the_cuda_graph_step(tmp_path):
+    """A CPU run's checkpoint (AdamW state on the host, not fused) resumes in the captured
+    CUDA step: the state moves to the GPU, the step counter advances inside replays."""
+    kw = dict(batch_size=8, log_every=3, checkpoint_every=3, lr=1e-3, n_samples=1, **TINY)
+    kw["precision"] = "fp32"
+    fastdiff.train(tiny_data(), steps=3, out_dir=tmp_path, **kw)
+    resumed = fastdiff.train(tiny_data(), steps=9, out_dir=tmp_path, resume=True, strict=True,
+                             **{**kw, "device": "cuda"})  # fmt: skip
+    run_cuda = fastdiff.train(tiny_data(), steps=9, out_dir=tmp_path / "cuda", strict=True,
+                              **{**kw, "device": "cuda"})  # fmt: skip
+    assert max_diff(resumed.model, run_cuda.model) < 2e-3  # 3 steps on another device
+
+
+@needs_cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_ops_on_the_second_gpu_equal_the_first(monkeypatch):
+    from fastdiff import ops
+
+    schedule = fastdiff.NoiseSchedule.linear(50)
+    x = torch.randn(4, 3, 8, 8)
+    t = torch.tensor([0, 7, 20, 49])
+    out = {}
+    for dev in ("cuda:0", "cuda:1"):
+        with torch.cuda.device(0):  # cuda:0 current while cuda:1 tensors are used
+            s = schedule.to(dev)
+            z = ops.q_sample(x.to(dev), t.to(dev), s, seed=3)
+            step = ops.reverse_step(z, z * 0.5, t.to(dev), s, seed=4)
+            loss = ops.noise_loss(z, t.to(dev), seed=3)
+            w, b = torch.ones(3, device=dev), torch.zeros(3, device=dev)
+            gn = ops.group_norm_silu(z.contiguous(memory_format=torch.channels_last), 3, w, b)
+        out[dev] = [v.cpu() for v in (z, step, loss, gn)]
+    for a, b in zip(out["cuda:0"], out["cuda:1"], strict=True):
+        assert torch.equal(a, b)
