@@ -10,6 +10,7 @@ the graph, its pool and the optimizer state are released when ``train()`` return
 optimizer state from an eager or CPU run is moved where the fused kernel reads it.
 """
 
+import copy
 import gc
 import logging
 import weakref
@@ -102,6 +103,25 @@ def test_restore_recaptures_and_resume_is_exact(emulated_cuda, tmp_path):
     assert max_diff(straight.ema_model, resumed.ema_model) == 0
 
 
+def test_a_state_loaded_into_a_captured_run_is_bound_and_captured_afresh(emulated_cuda):
+    """Loading an optimizer state into a run that has a graph replaces the tensors the graph
+    updates: the step binds the new state, warms up and captures again (replaying the old
+    graph would update the discarded tensors), and the run equals the same run never
+    captured, bitwise."""
+
+    def run_with_a_reload():
+        run = _graph_steps(make_run(tiny_data(n=5), graph=True, batch_size=2), 4)
+        run.optimizer.load_state_dict(copy.deepcopy(run.optimizer.state_dict()))
+        return _graph_steps(run, 4)
+
+    captured = run_with_a_reload()
+    assert emulated_cuda.train_captures == 2 and emulated_cuda.replays == 1 + 1
+    emulated_cuda.disable()
+    eager = run_with_a_reload()
+    assert state_equal(captured.optimizer.state_dict(), eager.optimizer.state_dict())
+    assert max_diff(captured.model, eager.model) == 0
+
+
 def test_checkpoints_move_between_eager_and_graph_steps(emulated_cuda, tmp_path):
     """An eager run's checkpoint (non-fused AdamW state) resumes in a captured step and a
     captured run's in the eager step: the same training as a run that never moved, within
@@ -168,6 +188,37 @@ def test_a_model_that_cannot_be_captured_trains_eagerly_from_the_same_state(emul
     eager = run_with()
     assert max_diff(failed.model, eager.model) == 0
     assert max_diff(failed.ema_model, eager.ema_model) == 0
+
+
+class _HostReadInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z):
+        return z.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * (1.0 + 0.0 * float(grad.abs().amax().item()))
+
+
+class HostReadingBackwardModel(HostReadingModel):
+    """Reads a tensor on the host in its backward, at the input end: the capture fails after
+    the parameters' gradients were allocated in the graph's pool."""
+
+    def forward(self, z, t):
+        return self.inner(_HostReadInBackward.apply(z.requires_grad_()), t)
+
+
+def test_a_failed_capture_leaves_no_gradient_from_its_pool(emulated_cuda, monkeypatch):
+    """The failed capture's backward allocated the gradients in the dead graph's pool; none of
+    them stays on the parameters."""
+    import test_train_graph
+
+    monkeypatch.setattr(test_train_graph, "model_for_data", lambda *a: HostReadingBackwardModel())
+    run = make_run(tiny_data(n=5), graph=True, batch_size=2)
+    _graph_steps(run, train_graph.WARMUP_STEPS)  # the capture follows the last warm-up step
+    assert emulated_cuda.emulator.captures_failed == 1
+    assert run.graph_step.graph is None and not run.graph_step.capture
+    assert all(p.grad is None for p in run.model.parameters())
 
 
 def test_strict_mode_refuses_the_fallback(emulated_cuda, monkeypatch):
