@@ -1,0 +1,283 @@
+"""The shared runner of every sampler: static step buffers, one step, capture and replay.
+
+    z_T ~ N(0, I) (or given latents);  repeat num_steps times:  step(buf)
+
+Every step runs on static device buffers (``StepBuffers``): the latents ``z`` (B, C, H, W),
+the step index ``t`` (B,), the noise seed (1,), a step counter ``k`` (1,) and, for multistep
+samplers, the history ``x0`` (the previous step's x0 prediction, like z).  One step is
+
+    pred = model(z, t);  method.update(buf, pred)   (fused update of z in place, advancing
+                                                     t and the sampler's own counters);
+    seed += 1
+
+and every per-step quantity the update needs is read from device tables indexed by t or k.
+Because nothing is decided on the host between steps, the step is captured once as a CUDA
+graph and replayed once per step, and it produces exactly the images of the eager loop, which
+runs the very same step function (CPU, or ``cuda_graph=False``).
+
+A sampler ("method") is a class in its own module (ddpm.py, ddim.py) built
+from (schedule, SamplerSpec) with: ``timesteps`` (the 0-based indices visited, first to last),
+``needs_history``, ``unavailable()`` (why its step cannot be captured, or None) and
+``update(buf, pred)``.  Adding a sampler is adding such a module to ``METHODS``.
+
+Seeds: ``run_sampler(..., seed=s)`` draws z_T for batch b from a torch.Generator seeded with
+(s, b) and the step noise from in-kernel Philox with seeds derived from (s, b); the same seed
+gives the same images on the same device and backend.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .. import cuda_graphs
+from ..precision import Precision, memory_format
+from ..profiling import phase
+from ..progress import progress_bar
+from ..schedule import NoiseSchedule
+from ..validation import require_int
+from . import ddim, ddpm
+from .spec import SamplerSpec
+
+#: The sampler classes by SamplerSpec.name.
+METHODS = {"ddpm": ddpm.DDPM, "ddim": ddim.DDIM}
+#: Spacing of the per-batch seed streams: batch b of seed s uses step seeds
+#: s * 2**32 + b * 2**20 + k (k < T <= 2**20).
+BATCH_STRIDE, SEED_STRIDE = 2**20, 2**32
+
+
+class StepBuffers:
+    """The static state of one sampling batch, on z's device: latents z, step indices t (B,),
+    seed (1,), step counter k (1,), and with ``history`` the previous x0 prediction (like z)."""
+
+    def __init__(self, z: torch.Tensor, first_step: int, seed: int, history: bool = False):
+        self.z = z
+        self.t = torch.full((z.shape[0],), first_step, dtype=torch.long, device=z.device)
+        self.seed = torch.full((1,), seed, dtype=torch.long, device=z.device)
+        self.k = torch.zeros((1,), dtype=torch.long, device=z.device)
+        self.x0 = torch.zeros_like(z) if history else None
+
+    def _buffers(self) -> tuple[torch.Tensor, ...]:
+        return tuple(b for b in (self.z, self.t, self.seed, self.k, self.x0) if b is not None)
+
+    def snapshot(self):
+        return tuple(b.clone() for b in self._buffers())
+
+    def restore(self, snap) -> None:
+        for buf, saved in zip(self._buffers(), snap, strict=True):
+            buf.copy_(saved)
+
+    def reset(self, z0: torch.Tensor, first_step: int, seed: int) -> None:
+        """Start a new chain from z0 in place (the captured graph keeps the addresses)."""
+        self.z.copy_(z0)
+        self.t.fill_(first_step)
+        self.seed.fill_(seed)
+        self.k.zero_()
+        if self.x0 is not None:
+            self.x0.zero_()
+
+
+class SamplerRunner:
+    """Runs one sampler (a SamplerSpec with clip_x0 and variance resolved) for batches of one
+    shape; see the module docstring."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        schedule: NoiseSchedule,
+        spec: SamplerSpec,
+        *,
+        precision: Precision,
+        channels_last: bool,
+    ):
+        if spec.clip_x0 is None or spec.variance is None:
+            raise ValueError("spec: resolve clip_x0 and variance first (SamplerSpec.for_model)")
+        spec.check_T(schedule.T)
+        self.model = model
+        self.schedule = schedule
+        self.spec = spec
+        self.method = METHODS[spec.name](schedule, spec)
+        self.precision = precision
+        self.channels_last = channels_last
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, StepBuffers]] = {}
+        self.graph_failed = False  # a capture failed: this sampler runs eagerly from now on
+
+    @property
+    def kind(self) -> str:
+        return self.spec.name
+
+    @property
+    def timesteps(self) -> list[int]:
+        return self.method.timesteps
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.method.timesteps)
+
+    @property
+    def capturable(self) -> bool:
+        return self.method.unavailable() is None
+
+    def buffers(self, z: torch.Tensor, seed: int) -> StepBuffers:
+        """Fresh step buffers for a chain starting from z (used as the latents buffer)."""
+        return StepBuffers(z, self.timesteps[0], seed, history=self.method.needs_history)
+
+    def graph_unavailable(self, device: torch.device) -> str | None:
+        """Why this sampler's step cannot be captured on ``device`` (None: it can)."""
+        reason = self.method.unavailable()
+        if reason is not None:
+            return reason
+        if self.graph_failed:
+            return "an earlier capture of this sampler's step failed"
+        return cuda_graphs.unavailable_reason(device)
+
+    def step(self, buf: StepBuffers) -> None:
+        """One step on the static buffers, advancing t, k and the seed in place."""
+        with phase("sampler step"):
+            with self.precision.autocast(buf.z.device, cache=False):
+                pred = self.model(buf.z, buf.t)
+            self.method.update(buf, pred)
+            buf.seed.add_(1)
+
+    def run_eager(self, buf: StepBuffers, on_step=None) -> torch.Tensor:
+        """Run every step on ``buf``; ``on_step()`` is called after each (progress bars)."""
+        if self.method.needs_history and buf.x0 is None:
+            buf.x0 = torch.zeros_like(buf.z)
+        for _ in range(self.num_steps):
+            self.step(buf)
+            if on_step is not None:
+                on_step()
+        return buf.z
+
+    def run_graph(
+        self, z0: torch.Tensor, seed: int, on_step=None, strict: bool = False
+    ) -> torch.Tensor:
+        """Capture the step once for this batch size (cached), then replay it per step;
+        ``on_step()`` is called after each replay is queued (the GPU may still be behind).
+        If the capture fails (a model that cannot be captured), the chain runs eagerly from
+        z0 after one log line (``cuda_graphs.capture``), or raises when ``strict``."""
+        B = z0.shape[0]
+        with torch.cuda.device(z0.device):  # streams and capture on z0's GPU, not the current
+            if B not in self._graphs and not self.graph_failed:
+                captured = self._capture(torch.empty_like(z0), strict)
+                if captured is None:
+                    self.graph_failed = True
+                else:
+                    self._graphs[B] = captured
+            if self.graph_failed:
+                return self.run_eager(self.buffers(z0.clone(), seed), on_step)
+            graph, buf = self._graphs[B]
+            buf.reset(z0, self.timesteps[0], seed)
+            for _ in range(self.num_steps):
+                graph.replay()
+                if on_step is not None:
+                    on_step()
+            return buf.z.clone()
+
+    def _capture(self, z: torch.Tensor, strict: bool):
+        """(graph, its static buffers) for latents shaped like z, or None if it failed."""
+        # A private generator: the default one (training's dropout stream) stays untouched.
+        z.normal_(generator=torch.Generator(z.device).manual_seed(0))
+        buf = self.buffers(z, 0)
+        snap = buf.snapshot()
+
+        def warm_up():  # autotuning and lazy initialisation happen outside the capture
+            for _ in range(3):  # each from the first step: t stays in range however few steps
+                buf.restore(snap)
+                self.step(buf)
+
+        cuda_graphs.run_on(cuda_graphs.side_stream(z.device), warm_up, z.device)
+        buf.restore(snap)
+        graph = cuda_graphs.capture(
+            lambda: self.step(buf), device=z.device, what="sampling: cuda_graph", strict=strict
+        )
+        return None if graph is None else (graph, buf)
+
+
+def sampling_timesteps(T: int, sampler: str, steps: int | None) -> list[int]:
+    """The 0-based step indices a sampler visits, first to last."""
+    return METHODS[sampler].sampling_timesteps(T, steps)
+
+
+def initial_noise(shape, device, seed: int, batch_index: int, channels_last: bool):
+    """z_T for one batch: standard normal from a generator seeded by (seed, batch_index)."""
+    gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + batch_index)
+    z = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+    return z.contiguous(memory_format=memory_format(channels_last))
+
+
+def run_sampler(
+    sampler: SamplerRunner,
+    n: int,
+    image_shape: tuple[int, int, int],
+    device: torch.device,
+    *,
+    seed: int,
+    batch_size: int,
+    cuda_graph: bool,
+    progress: bool = False,
+    strict: bool = False,
+    latents: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """n images (n, C, H, W) in [-1, 1], float32 on ``device``, batch by batch.
+
+    Each batch starts from ``initial_noise`` or, given ``latents`` (n, C, H, W) (checked by
+    ``check_latents``), from its slice of them.  With ``cuda_graph`` on CUDA the step is
+    captured and replayed (``SamplerRunner.run_graph``); where it cannot be, the chain runs
+    eagerly after one log line, or raises when ``strict``.
+    """
+    use_graph = cuda_graph and cuda_graphs.on_cuda(device)
+    reason = sampler.graph_unavailable(device) if use_graph else None
+    if reason is not None:
+        cuda_graphs.fall_back("sampling: cuda_graph", reason, strict)
+        use_graph = False
+    batches = math.ceil(n / batch_size)
+    bar = progress_bar(batches * sampler.num_steps, desc="sampling", unit="step", enabled=progress)
+    fmt = memory_format(sampler.channels_last)
+    out = []
+    with torch.inference_mode():
+        for b in range(batches):
+            size = min(batch_size, n - b * batch_size)
+            if latents is None:
+                z0 = initial_noise((size, *image_shape), device, seed, b, sampler.channels_last)
+            else:
+                z0 = latents[b * batch_size : b * batch_size + size]
+                z0 = z0.to(torch.float32).contiguous(memory_format=fmt).clone()
+            step_seed = seed * SEED_STRIDE + b * BATCH_STRIDE
+            if use_graph:
+                z = sampler.run_graph(z0, step_seed, on_step=bar.update, strict=strict)
+            else:
+                z = sampler.run_eager(sampler.buffers(z0, step_seed), on_step=bar.update)
+            out.append(z.float().clamp_(-1.0, 1.0).contiguous())
+    bar.close()
+    return torch.cat(out)
+
+
+def check_run_args(n, batch_size, seed, T) -> int:
+    """Validate the run's arguments before any work; returns the batch size to use."""
+    require_int("n", n)
+    batch_size = require_int("batch_size", min(n, 256) if batch_size is None else batch_size)
+    require_int("seed", seed, 0, 2**31 - 1)
+    if T > BATCH_STRIDE:
+        raise ValueError(f"schedule: at most {BATCH_STRIDE} steps are supported, got T={T}")
+    return batch_size
+
+
+def check_latents(latents, n: int, image_shape, device: torch.device) -> None:
+    """latents: a floating tensor (n, C, H, W) on the sampling device, else a TypeError /
+    ValueError naming it."""
+    if not isinstance(latents, torch.Tensor):
+        raise TypeError(f"latents: expected a torch.Tensor, got {type(latents).__name__}")
+    if not latents.is_floating_point():
+        raise TypeError(
+            f"latents: expected a floating tensor (float32/16, bfloat16), got {latents.dtype}"
+        )
+    want = (n, *image_shape)
+    if tuple(latents.shape) != want:
+        raise ValueError(f"latents: expected shape {want} (n, C, H, W), got {tuple(latents.shape)}")
+    if latents.device != device:
+        raise ValueError(
+            f"latents: expected a tensor on the sampling device {device}, got {latents.device}"
+        )
