@@ -168,9 +168,10 @@ def _add_sample(sub) -> None:
         "--sampler",
         default="ddpm",
         choices=SAMPLERS,
-        help="ddpm: all T steps (Algorithm 20.2); ddim: --steps steps [ddpm]",
+        help="ddpm: all T steps (Algorithm 20.2); ddim, dpm++2m (DPM-Solver++ 2M, as"
+        " diffusers' DPMSolverMultistepScheduler): --steps steps [ddpm]",
     )
-    p.add_argument("--steps", type=int, default=None, help="ddim steps [50]")
+    p.add_argument("--steps", type=int, default=None, help="ddim [50] or dpm++2m [20] steps")
     p.add_argument("--eta", type=float, default=0.0, help="ddim noise scale in [0, 1] [0]")
     clip = p.add_mutually_exclusive_group()
     clip.add_argument(

@@ -215,11 +215,13 @@ def sample(
     Args:
         diffusion_or_path: a Diffusion, or a checkpoint path for ``fastdiff.load``.
         n: number of images.
-        sampler: "ddpm" (Algorithm 20.2, every one of the T steps, fused reverse step) or
-            "ddim" (Song et al. 2021: ``steps`` evenly spaced steps, default 50).  Or a SamplerSpec
+        sampler: "ddpm" (Algorithm 20.2, every one of the T steps, fused reverse step),
+            "ddim" (Song et al. 2021: ``steps`` evenly spaced steps, default 50) or
+            "dpm++2m" (DPM-Solver++ 2M, diffusers' DPMSolverMultistepScheduler defaults:
+            ``steps`` steps, default 20; fastdiff.samplers.dpm_solver).  Or a SamplerSpec
             holding the sampler and its options (then steps, eta, clip_x0, clip_rule and
             variance stay unset here).
-        steps: for ddim, how many denoising steps; for ddpm None or T.
+        steps: for ddim and dpm++2m, how many denoising steps; for ddpm None or T.
         seed: same seed -> same images (on the same device and backend); None draws one.
         batch_size: images denoised at once (default min(n, 256)).
         use_ema: sample with the EMA weights when the model has them (default).
@@ -228,8 +230,9 @@ def sample(
             "beta".
         eta: ddim's noise scale: 0 deterministic (default), 1 DDPM-like.
         clip_x0: clamp the predicted x0 to [-1, 1] at each step.  Default: True for ddim,
-            False for ddpm (Algorithm 20.2 exactly); True for ddpm takes the posterior mean at
-            the clamped x0 (improved-diffusion's ``clip_denoised``).  For ddpm the default is
+            False for ddpm (Algorithm 20.2 exactly) and dpm++2m (diffusers' default
+            thresholding=False); True for ddpm takes the posterior mean at the clamped x0
+            (improved-diffusion's ``clip_denoised``).  For ddpm the default is
             ``config["sampling"]["clip_x0"]`` when recorded (a diffusers clip_sample).
         clip_rule: ddim with clip_x0: ``"rederive"`` (default) re-derives eps from the clamped
             x0, eps = (z_t - sqrt(alpha_t) x0) / sqrt(1 - alpha_t), as improved-diffusion does

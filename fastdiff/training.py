@@ -266,8 +266,9 @@ def train(
         sample_every: steps between sample grids (0: only the final samples.png).
         n_samples: images in each grid.
         variance, sample_sampler, sample_steps: how the grids are sampled: ``"ddpm"``
-            (Algorithm 20.2, all T steps, with ``variance``) or ``"ddim"`` with
-            ``sample_steps`` steps (default 50; x0 clamped, eps re-derived); see sample().
+            (Algorithm 20.2, all T steps, with ``variance``), ``"ddim"`` with
+            ``sample_steps`` steps (default 50; x0 clamped, eps re-derived) or ``"dpm++2m"``
+            (default 20 steps); see sample().
             They make one SamplerSpec (``grid_spec``).
         num_workers: DataLoader workers when the data streams from host memory.
         image_size: size to resize folder images to.

@@ -245,3 +245,36 @@ def group_norm_silu_reference(x, num_groups, weight, bias, eps=1e-5, silu=True):
     """
     y = torch.nn.functional.group_norm(x, num_groups, weight, bias, eps)
     return torch.nn.functional.silu(y) if silu else y
+
+
+def guided_eps(pred, pred_uncond=None, guidance_scale=1.0):
+    """Classifier-free guidance: pred_uncond + s (pred - pred_uncond), in pred's compute dtype
+    (pred itself when pred_uncond is None)."""
+    cd = _compute_dtype(pred)
+    if pred_uncond is None:
+        return pred.to(cd)
+    uncond = pred_uncond.to(cd)
+    return uncond + guidance_scale * (pred.to(cd) - uncond)
+
+
+def dpm_solver_step_reference(
+    z, pred, step, x0_prev, coefs, clip_x0=False, pred_uncond=None, guidance_scale=1.0
+):
+    """One DPM-Solver++ (2M) step with the coefficient row (P, Q, A, B, C) = coefs[step]:
+
+        eps = pred  (or pred_uncond + s (pred - pred_uncond) with classifier-free guidance)
+        x0  = P z - Q eps                        (clamped to [-1, 1] with clip_x0)
+        z'  = A z + B x0 + C (x0 - x0_prev)
+
+    z, pred, pred_uncond, x0_prev (B, ...); step a 1-element int tensor; coefs (N, 5).
+    Returns (z', x0): z' like z, x0 in x0_prev's dtype and z's layout (the next step's
+    x0_prev).  Indexing coefs with the step tensor reads nothing on the host.
+    """
+    cd = _compute_dtype(z)
+    row = coefs.to(cd)[step.reshape(-1)[0]]
+    p, q, a, b, c = (row[i] for i in range(5))
+    x0 = p * z.to(cd) - q * guided_eps(pred, pred_uncond, guidance_scale)
+    if clip_x0:
+        x0 = x0.clamp(-1.0, 1.0)
+    out = a * z.to(cd) + b * x0 + c * (x0 - x0_prev.to(cd))
+    return _like(out, z), _like(x0, z).to(x0_prev.dtype)

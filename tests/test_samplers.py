@@ -1,6 +1,6 @@
 """The samplers package's shared parts: latents=, and SamplerSpec as sample(), the training
-grids and the CLI use it (the per-sampler maths is tested in test_ddim.py, test_sampling.py
-and test_ddpm_clip.py)."""
+grids and the CLI use it (the per-sampler maths is tested in test_ddim.py, test_sampling.py,
+test_ddpm_clip.py and test_dpm_solver.py)."""
 
 import pytest
 import torch
@@ -13,7 +13,7 @@ from fastdiff.samplers import SamplerSpec, initial_noise
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m"])
 def test_latents_replace_the_seeded_noise(sampler):
     d = gaussian_diffusion(0.1, 0.4, T=20)
     z_T = torch.cat([initial_noise((2, 1, 4, 4), CPU, 7, b, False) for b in range(2)])
@@ -46,13 +46,14 @@ def test_a_chain_starts_from_the_given_latents():
 )
 def test_bad_latents(latents, error, match):
     with pytest.raises(error, match=match):
-        gaussian_diffusion(0.0, 1.0, T=20).sample(2, sampler="ddim", steps=3, latents=latents)
+        gaussian_diffusion(0.0, 1.0, T=20).sample(2, sampler="dpm++2m", steps=3, latents=latents)
 
 
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(sampler="ddpm", eta=0.5), "eta: only the ddim sampler"),
+        (dict(sampler="dpm++2m", steps=20), "steps: dpm\\+\\+2m takes at most T-1=19"),
+        (dict(sampler="dpm++2m", eta=0.5), "eta: only the ddim sampler"),
         (dict(sampler=SamplerSpec("ddim", 5), steps=5), "steps: leave it unset"),
         (dict(sampler="dpm++3m"), "sampler: expected one of"),
     ],

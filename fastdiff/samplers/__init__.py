@@ -1,4 +1,4 @@
-"""The samplers: one module each (ddpm, ddim), one shared capture/replay runner
+"""The samplers: one module each (ddpm, ddim, dpm_solver), one shared capture/replay runner
 (``runner``), and the SamplerSpec value that names a sampler and its options (``spec``)."""
 
 from .runner import (

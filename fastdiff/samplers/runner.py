@@ -15,7 +15,7 @@ Because nothing is decided on the host between steps, the step is captured once 
 graph and replayed once per step, and it produces exactly the images of the eager loop, which
 runs the very same step function (CPU, or ``cuda_graph=False``).
 
-A sampler ("method") is a class in its own module (ddpm.py, ddim.py) built
+A sampler ("method") is a class in its own module (ddpm.py, ddim.py, dpm_solver.py) built
 from (schedule, SamplerSpec) with: ``timesteps`` (the 0-based indices visited, first to last),
 ``needs_history``, ``unavailable()`` (why its step cannot be captured, or None) and
 ``update(buf, pred)``.  Adding a sampler is adding such a module to ``METHODS``.
@@ -38,11 +38,11 @@ from ..profiling import phase
 from ..progress import progress_bar
 from ..schedule import NoiseSchedule
 from ..validation import require_int
-from . import ddim, ddpm
+from . import ddim, ddpm, dpm_solver
 from .spec import SamplerSpec
 
 #: The sampler classes by SamplerSpec.name.
-METHODS = {"ddpm": ddpm.DDPM, "ddim": ddim.DDIM}
+METHODS = {"ddpm": ddpm.DDPM, "ddim": ddim.DDIM, "dpm++2m": dpm_solver.DPMSolver2M}
 #: Spacing of the per-batch seed streams: batch b of seed s uses step seeds
 #: s * 2**32 + b * 2**20 + k (k < T <= 2**20).
 BATCH_STRIDE, SEED_STRIDE = 2**20, 2**32

@@ -3,8 +3,8 @@
 ``sample()``, the training grids and the CLI each build one (``SamplerSpec.checked``) and pass
 it on; every option that changes the images travels in it, validated here and nowhere else:
 
-    name       "ddpm" (every one of the T steps) or "ddim"
-    steps      denoising steps (ddim: default 50; ddpm: None or T)
+    name       "ddpm" (every one of the T steps), "ddim", or "dpm++2m"
+    steps      denoising steps (ddim: default 50; dpm++2m: default 20; ddpm: None or T)
     eta        ddim's noise scale in [0, 1] (0 for the others)
     clip_x0    clamp the predicted x0 to [-1, 1]; None: the sampler's default, resolved
                against a model's recorded sampling defaults by ``for_model``
@@ -22,12 +22,12 @@ from ..kernels.reference import CLIP_RULES
 from ..validation import require_int
 
 #: The samplers, in the order the CLI lists them.
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpm++2m")
 VARIANCES = ("beta", "posterior")
 #: Fields for which ``checked`` reads None as "the default".
 _DEFAULTED = ("eta", "clip_rule")
 #: Denoising steps when ``steps`` is None.
-DEFAULT_STEPS = {"ddim": 50}
+DEFAULT_STEPS = {"ddim": 50, "dpm++2m": 20}
 
 
 @dataclass(frozen=True)
@@ -70,10 +70,11 @@ class SamplerSpec:
     def for_model(self, default: Callable[[str, object], object]) -> SamplerSpec:
         """This spec with clip_x0 / variance filled in where None: ``default(name, fallback)``
         is a model's recorded sampling default (``Diffusion.sampling_default``).  clip_x0:
-        True for ddim; for ddpm the model's ``clip_x0`` (a diffusers clip_sample), else False."""
+        True for ddim; for ddpm the model's ``clip_x0`` (a diffusers clip_sample), else False;
+        False for dpm++2m (DPMSolverMultistepScheduler's thresholding=False)."""
         clip_x0, variance = self.clip_x0, self.variance
         if clip_x0 is None:
-            clip_x0 = {"ddim": True}.get(self.name)
+            clip_x0 = {"ddim": True, "dpm++2m": False}.get(self.name)
             if clip_x0 is None:
                 clip_x0 = bool(default("clip_x0", False))
         if variance is None:
@@ -98,6 +99,11 @@ def _check(spec: dict, T: int | None, names: dict) -> None:
             raise ValueError(
                 f"{arg('steps')}: the ddpm sampler runs all T={T} steps of the trained"
                 f" schedule, got {steps}; use {arg('name')}='ddim' for fewer"
+            )
+        if name == "dpm++2m" and T is not None and steps >= T:
+            raise ValueError(
+                f"{arg('steps')}: dpm++2m takes at most T-1={T - 1} steps (its linspace"
+                f" spacing repeats a step at T), got {steps}"
             )
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
         raise ValueError(f"{arg('eta')}: expected a number in [0, 1], got {eta!r}")
