@@ -76,7 +76,7 @@ _CACHE_VERSION = 1
 @dataclass
 class FeatureStats:
     """Features of one image set: ``mu`` (D,) and ``sigma`` (D, D) float64, and the
-    ``features`` themselves (N, D) float32 (KID needs them)."""
+    ``features`` themselves (N, D) as given (float32 from the network; KID needs them)."""
 
     mu: np.ndarray
     sigma: np.ndarray
@@ -88,7 +88,7 @@ class FeatureStats:
         if f.shape[0] < 2:
             raise ValueError(f"features: expected at least 2 rows, got shape {f.shape}")
         f64 = f.astype(np.float64)
-        return cls(f64.mean(axis=0), np.cov(f64, rowvar=False), f.astype(np.float32))
+        return cls(f64.mean(axis=0), np.cov(f64, rowvar=False), f)
 
     @property
     def n(self) -> int:
