@@ -13,37 +13,19 @@ import itertools
 
 import numpy as np
 import pytest
-import scipy.linalg
 import torch
-import torch.nn.functional as F
+from helpers import FAKE_INCEPTION_DIM as DIM
+from helpers import own_features, save_fake_inception, scipy_fid
 
 from fastdiff import inception, metrics
 from fastdiff.cli import main
 from fastdiff.inception import WeightsUnavailable
 
-DIM = 8
-
-
-class FakeInception(torch.nn.Module):
-    """uint8 (N, 3, H, W) -> bilinear 8x8, (x - 128) / 128, conv, pool, linear -> (N, DIM)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(1234)
-        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1)
-        self.fc = torch.nn.Linear(6 * 4 * 4, DIM)
-
-    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
-        x = F.interpolate(x.to(torch.float32), size=(8, 8), mode="bilinear", align_corners=False)
-        h = F.avg_pool2d(torch.tanh(self.conv((x - 128) / 128)), 2)
-        features = torch.tanh(self.fc(h.flatten(1)))
-        return features if return_features else features.sum(1)
-
 
 @pytest.fixture(scope="module")
 def net_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("net") / "fake-inception.pt"
-    torch.jit.script(FakeInception()).save(str(path))
+    save_fake_inception(path)
     return path
 
 
@@ -54,22 +36,6 @@ def env(monkeypatch, tmp_path, net_file):
     monkeypatch.setenv(inception.ENV_PATH, str(net_file))
     monkeypatch.delenv(inception.ENV_SHA256, raising=False)
     return tmp_path / "cache"
-
-
-def own_features(net_file, images) -> np.ndarray:
-    """Features computed here: PNG quantisation, gray -> 3 channels, the scripted network."""
-    u8 = ((torch.as_tensor(images).double() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    with torch.no_grad():
-        f = torch.jit.load(str(net_file))(u8.repeat(1, 3 // u8.shape[1], 1, 1), True)
-    return f.double().numpy()
-
-
-def scipy_fid(fa, fb) -> float:
-    """StyleGAN2-ADA's formula: scipy sqrtm of S1 S2, real part of the trace expression."""
-    mu_a, mu_b = fa.mean(0), fb.mean(0)
-    sa, sb = np.cov(fa, rowvar=False), np.cov(fb, rowvar=False)
-    root = scipy.linalg.sqrtm(sa @ sb)
-    return float(np.real(((mu_a - mu_b) ** 2).sum() + np.trace(sa + sb - 2 * root)))
 
 
 def two_feature_sets(seed=0, n=(400, 300)):
