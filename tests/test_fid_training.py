@@ -13,13 +13,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import own_features, save_fake_inception, scipy_fid
 
 import fastdiff
 from fastdiff import checkpoint as ckpt
 from fastdiff import inception
 from fastdiff.cli import main
 from fastdiff.inception import WeightsUnavailable
-from helpers import own_features, save_fake_inception, scipy_fid
 
 N_FID = 6
 # lr and ema_decay large enough for the EMA weights to differ visibly from the raw ones.
