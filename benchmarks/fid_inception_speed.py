@@ -94,8 +94,10 @@ class MixedE(nn.Module):  # InceptionE: 320 + 768 + 768 + 192; FID: avg pool (7b
         super().__init__()
         self.max_pool = max_pool
         self.b1 = Conv(cin, 320, 1)
-        self.b3, self.b3a, self.b3b = Conv(cin, 384, 1), Conv(384, 384, (1, 3), p=(0, 1)), Conv(
-            384, 384, (3, 1), p=(1, 0)
+        self.b3, self.b3a, self.b3b = (
+            Conv(cin, 384, 1),
+            Conv(384, 384, (1, 3), p=(0, 1)),
+            Conv(384, 384, (3, 1), p=(1, 0)),
         )
         self.bd = nn.Sequential(Conv(cin, 448, 1), Conv(448, 384, 3, p=1))
         self.bda, self.bdb = Conv(384, 384, (1, 3), p=(0, 1)), Conv(384, 384, (3, 1), p=(1, 0))
