@@ -81,8 +81,8 @@ def expected_sha256() -> str | None:
 
 def _where_to_put() -> str:
     return (
-        f"put {FILE_NAME} (from {URL}) at {cache_dir() / FILE_NAME}, or pass --inception PATH"
-        f" / set {ENV_PATH}=PATH"
+        f"put {FILE_NAME} (from {URL}) at {cache_dir() / FILE_NAME}, or set {ENV_PATH}=PATH"
+        " (fastdiff eval: or --inception PATH)"
     )
 
 
