@@ -299,12 +299,17 @@ TABLE = [
 
 
 #: ``--table steps``: FD against the number of steps, DDIM (its defaults: x0 clipped, eps
-#: re-derived) beside DPM-Solver++ 2M (its diffusers defaults), and DDIM 100 (the training
-#: grids' default) as the bar for dpm++2m at 20.
+#: re-derived) beside DPM-Solver++ 2M (its diffusers defaults: no clipping; and with x0
+#: clipped, diffusers' thresholding at 1), and DDIM 100 (the training grids' default) as the
+#: bar for dpm++2m at 20.
 STEPS_TABLE = [
     *[
-        (f"{label} {steps} steps", dict(sampler=sampler, steps=steps))
-        for sampler, label in (("ddim", "DDIM"), ("dpm++2m", "DPM-Solver++ 2M"))
+        (f"{label} {steps} steps", dict(sampler=sampler, steps=steps, **kwargs))
+        for sampler, label, kwargs in (
+            ("ddim", "DDIM", {}),
+            ("dpm++2m", "DPM-Solver++ 2M", {}),
+            ("dpm++2m", "DPM-Solver++ 2M x0 clipped,", dict(clip_x0=True)),
+        )
         for steps in (5, 10, 15, 20, 25, 50)
     ],
     ("DDIM 100 steps", dict(sampler="ddim", steps=100)),
