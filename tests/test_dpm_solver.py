@@ -268,3 +268,12 @@ def test_cuda_dpm_sampler_replays_without_host_syncs(precision, channels_last):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(graph, eager, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_custom_op_passes_opcheck(triton_backend, guided):
+    """fastdiff::dpm_solver_step: schema (out and x0_prev mutated), fake tensor, dispatch."""
+    z, pred, uncond, prev = _step_inputs(torch.float32, "channels_last")
+    args = (torch.empty_like(z), prev.clone(), z, pred, torch.tensor([5], device=DEVICE),
+            COEFS.float().to(DEVICE), True, uncond if guided else None, 2.0)  # fmt: skip
+    torch.library.opcheck(torch.ops.fastdiff.dpm_solver_step.default, args)
