@@ -70,4 +70,3 @@ def test_a_spec_samples_like_its_keywords():
     assert torch.equal(d.sample(3, seed=1, sampler=spec), keywords)
     with pytest.raises(ValueError, match="sample_sampler"):
         fastdiff.train(torch.zeros(2, 1, 8, 8), steps=1, batch_size=2, sample_sampler="euler")
-
