@@ -22,6 +22,8 @@ table gathers are ignored):
     noise_loss fwd      read pred                                1 N s
     noise_loss fwd+bwd  read pred (fwd), read pred + write grad  3 N s
     reverse_step        read z, read pred, write out             3 N s
+    ddim_step           read z, read pred, write out             3 N s
+    dpm_solver_step     read z, pred, x0_prev; write out, x0     5 N s
     group_norm_silu     read x, write out (fwd); + read x, read d out, write dx (bwd): 2 / 5 N s
 
 Shapes: 128x3x32x32 (CIFAR batch), 64x3x256x256 (ImageNet-256 batch), 256x4x64x64 (latent
@@ -62,9 +64,18 @@ EAGER_LOSS = EAGER_Q_SAMPLE + 3 + 1 + 3  # 15
 #   mu + tmp (3).
 EAGER_REVERSE = 2 + 3 + 2 + 1 + 2 + 3  # 13
 
+#   ddim step (eta = 0, no clip): sqrt(1 - a) pred (2); z - tmp (3); / sqrt(a) (2);
+#   sqrt(a') x0 (2); dir pred (2); sum (3).
+EAGER_DDIM = 2 + 3 + 2 + 2 + 2 + 3  # 14
+#   dpm step: q pred (2); p z (2); x0 = - (3); x0 - prev (3); c tmp (2); a z (2); b x0 (2);
+#   two sums (3 + 3); x0 kept (copy: 2).
+EAGER_DPM = 2 + 2 + 3 + 3 + 2 + 2 + 2 + 3 + 3 + 2  # 24
+
 FUSED_Q_SAMPLE = 2
 FUSED_LOSS = FUSED_Q_SAMPLE + 3
 FUSED_REVERSE = 3
+FUSED_DDIM = 3
+FUSED_DPM = 5
 
 
 def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -82,6 +93,52 @@ def eager_reverse_step(z, pred, t, betas, alphas_cumprod, sigma):
     coef_div = _per_sample(torch.sqrt(1 - b), z)
     sig = _per_sample(sigma[t] * (t > 0), z)  # no noise at the last step (index 0)
     return (z - coef_eps * pred) / coef_div + sig * torch.randn_like(z)
+
+
+def eager_ddim_step(z, pred, t, t_prev, alphas_cumprod):
+    """DDIM with eta = 0 and no clipping, written the usual way."""
+    a, a_prev = _per_sample(alphas_cumprod[t], z), _per_sample(alphas_cumprod[t_prev], z)
+    x0 = (z - torch.sqrt(1 - a) * pred) / torch.sqrt(a)
+    return torch.sqrt(a_prev) * x0 + torch.sqrt(1 - a_prev) * pred
+
+
+def eager_dpm_step(z, pred, x0_prev, row):
+    """DPM-Solver++ 2M with row = (P, Q, A, B, C) written the usual way: returns (z', x0)."""
+    p, q, a, b, c = (row[i].to(z.dtype) for i in range(5))
+    x0 = p * z - q * pred
+    return a * z + b * x0 + c * (x0 - x0_prev), x0
+
+
+def _sampler_step_sides(sampler, z, pred, t, schedule):
+    """(fastdiff fn, eager fn, fused units, eager units) of one ddim / dpm++2m update, on the
+    same tensors; dpm uses a second-order row of the 20-step table (C != 0)."""
+    if sampler == "ddim":
+        t_prev = (t - 20).clamp(min=-1)
+        ac = schedule.table("alphas_cumprod")
+        return (
+            lambda: ops.ddim_step(z, pred, t, t_prev, schedule, seed=SEED, validate=False),
+            lambda: eager_ddim_step(z, pred, t, t_prev.clamp(min=0), ac),
+            FUSED_DDIM,
+            EAGER_DDIM,
+        )
+    from fastdiff.samplers.dpm_solver import dpm_coefficients, dpm_timesteps
+
+    rows = dpm_coefficients(schedule.alphas_cumprod.cpu().numpy(), dpm_timesteps(schedule.T, 20))
+    coefs = torch.from_numpy(rows).float().to(z.device)
+    step = torch.tensor([10], device=z.device)
+    x0_prev = torch.zeros_like(z)
+
+    def eager():  # keeps x0 for the next step, as the fused op does
+        out, x0 = eager_dpm_step(z, pred, x0_prev, coefs[10])
+        x0_prev.copy_(x0)
+        return out
+
+    return (
+        lambda: ops.dpm_solver_step(z, pred, step, x0_prev, coefs, validate=False),
+        eager,
+        FUSED_DPM,
+        EAGER_DPM,
+    )
 
 
 # -- CPU: host time per call (the reference path) --------------------------------------------
@@ -205,6 +262,24 @@ def test_reverse_step(benchmark, measure, case, impl, schedule):
         bytes_moved=units * case.numel * case.itemsize,
         **_info(case, impl, backend),
     )
+    assert out.shape == z.shape and out.dtype == z.dtype
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++2m"])
+def test_sampler_step(benchmark, measure, case, impl, schedule, sampler):
+    """One sampler update (the model call excluded): DDIM (eta = 0) beside DPM-Solver++ 2M."""
+    z, pred = case.tensor(), case.tensor()
+    t = _t(case, schedule)
+    backend = _check_backend(case, z)
+    fused, eager, fused_units, eager_units = _sampler_step_sides(sampler, z, pred, t, schedule)
+    out = measure(
+        fused if impl == "fastdiff" else eager,
+        group=case.group(f"{sampler}_step"),
+        side=_side(case, impl),
+        bytes_moved=(fused_units if impl == "fastdiff" else eager_units) * case.numel
+        * case.itemsize,
+        **_info(case, impl, backend),
+    )  # fmt: skip
     assert out.shape == z.shape and out.dtype == z.dtype
 
 
@@ -403,6 +478,30 @@ def test_device_time_noise_ops(benchmark, device_table, op, shape, dtype, layout
     rows = _record(
         benchmark, device_table, op, _case_id(shape, dtype, layout),
         {"fastdiff": fused, "eager": eager}, nbytes,
+    )  # fmt: skip
+    assert rows["fastdiff"]["device_us"] > 0
+
+
+@pytest.mark.skipif(NO_CUDA, reason=NO_CUDA_REASON)
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++2m"])
+@pytest.mark.parametrize(
+    "shape,dtype,layout", DEVICE_CASES, ids=[_case_id(*c) for c in DEVICE_CASES]
+)
+def test_device_time_sampler_steps(benchmark, device_table, sampler, shape, dtype, layout):
+    """ddim_step (the torch reference: no DDIM kernel yet) beside the fused dpm_solver_step,
+    each against its eager formula, on the noise ops' shapes."""
+    schedule = NoiseSchedule.linear(1000).to(DEVICE)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    z, pred = (
+        torch.randn(shape, device=DEVICE, generator=gen).to(dtype, memory_format=fmt)
+        for _ in range(2)
+    )
+    t = torch.randint(20, schedule.T, (shape[0],), device=DEVICE, generator=gen)
+    fused, eager, units, _ = _sampler_step_sides(sampler, z, pred, t, schedule)
+    rows = _record(
+        benchmark, device_table, f"{sampler}_step", _case_id(shape, dtype, layout),
+        {"fastdiff": fused, "eager": eager}, units * z.numel() * z.element_size(),
     )  # fmt: skip
     assert rows["fastdiff"]["device_us"] > 0
 

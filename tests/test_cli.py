@@ -100,3 +100,25 @@ def test_wrong_channel_count_on_resume(tmp_path, npz):
     np.savez(rgb, images=np.zeros((8, 3, 8, 8), dtype=np.uint8))
     proc = run_cli("train", "--data", str(rgb), "--out", str(out), "--resume", *TINY)
     assert_one_line_error(proc, "checkpoint")
+
+
+def test_sample_with_dpm_solver(tmp_path):
+    """fastdiff sample --sampler dpm++2m --steps N writes what fastdiff.sample draws."""
+    import torch
+
+    import fastdiff
+    from fastdiff.images import to_uint8
+    from fastdiff.training import model_for_data
+
+    torch.manual_seed(0)
+    model = model_for_data((1, 8, 8), "tiny")
+    ckpt = fastdiff.Diffusion(model, fastdiff.NoiseSchedule.linear(20), (1, 8, 8)).save(
+        tmp_path / "ckpt"
+    )
+    arr = tmp_path / "x.npz"
+    dpm = ["--sampler", "dpm++2m", "--steps", "5", "--device", "cpu", "--no-progress"]
+    assert main(["sample", str(ckpt), "-n", "2", "--out", str(arr), *dpm]) == 0
+    want = fastdiff.sample(ckpt, 2, seed=0, sampler="dpm++2m", steps=5, device="cpu")
+    assert np.array_equal(np.load(arr)["images"], to_uint8(want).numpy())
+    bad = run_cli("sample", str(ckpt), "--sampler", "dpm++2m", "--steps", "20", "--device", "cpu")
+    assert_one_line_error(bad, "steps: dpm++2m takes at most T-1=19")

@@ -110,6 +110,7 @@ def test_clipped_ddpm_sampling_through_the_kernel_matches_reference(monkeypatch,
         dict(clip_x0=True),
         dict(sampler="ddim", steps=20, clip_x0=True),
         dict(sampler="ddim", steps=20, clip_x0=True, clip_rule="diffusers"),
+        dict(sampler="dpm++2m", steps=20, clip_x0=True),  # fused step, counter, x0 history
     ],
 )
 def test_clipped_samplers_replay_without_host_syncs(kwargs):

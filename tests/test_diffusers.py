@@ -410,3 +410,30 @@ def test_fine_tuning_converted_weights_with_train(pipeline, tmp_path):
     assert any(not torch.equal(before[k], v) for k, v in tuned.model.state_dict().items())
     out = tuned.save(tmp_path / "tuned", format="diffusers")
     assert load(out, device="cpu").model.config == tuned.model.config
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_dpm_solver_sampling_of_a_pipeline_equals_diffusers(pipeline, channels_last):
+    """A loaded DDPMPipeline sampled with dpm++2m from given latents equals the same UNet
+    under DPMSolverMultistepScheduler.from_config(the pipeline's scheduler), as a diffusers
+    user switches schedulers: 10 steps, fp32, within 1e-4 (clamped to [-1, 1] like sample()).
+    The saved DDPMScheduler config carries its own timestep_spacing ("leading"), which
+    from_config would inherit; fastdiff follows DPMSolverMultistepScheduler's default,
+    "linspace", so that is what is compared."""
+    path, unet = pipeline
+    diffusion = load(path, device="cpu")
+    ddpm_config = diffusers.DDPMScheduler.from_pretrained(str(path / "scheduler")).config
+    sched = diffusers.DPMSolverMultistepScheduler.from_config(
+        ddpm_config, timestep_spacing="linspace"
+    )
+    assert sched.config.algorithm_type == "dpmsolver++" and sched.config.solver_order == 2
+    sched.set_timesteps(10)
+    z_T = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
+    z = z_T.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            z = sched.step(unet(z, t).sample, t, z).prev_sample
+    got = diffusion.sample(2, sampler="dpm++2m", steps=10, latents=z_T, precision="fp32",
+                           channels_last=channels_last)  # fmt: skip
+    assert z.abs().max() > 0.5
+    torch.testing.assert_close(got, z.clamp(-1, 1), atol=1e-4, rtol=1e-4)

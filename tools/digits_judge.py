@@ -23,6 +23,8 @@ Usage (from a checkout, with fastdiff installed)::
     python tools/digits_judge.py images.npz                  # e.g. from `fastdiff sample --out`
     python tools/digits_judge.py --reference                 # floor and ceiling only
     python tools/digits_judge.py runs/digits --table         # every sampler setting (TABLE)
+    python tools/digits_judge.py runs/digits --table steps -n 1000   # FD vs steps (STEPS_TABLE):
+                                                             # ddim / dpm++2m at 5..50 steps
     python tools/digits_judge.py runs/digits --eval-loss     # the low-noise training proxy
 
 ``--eval-loss`` needs no sampling: the noise-prediction loss of the checkpoint's EMA model on
@@ -296,8 +298,30 @@ TABLE = [
 ]
 
 
-def run_table(checkpoint, net: JudgeNet, n: int = 200, seed: int = 0, as_json: bool = False):
-    """Judge every TABLE setting on one checkpoint; print a markdown table (or JSON lines)."""
+#: ``--table steps``: FD against the number of steps, DDIM (its defaults: x0 clipped, eps
+#: re-derived) beside DPM-Solver++ 2M (its diffusers defaults: no clipping; and with x0
+#: clipped, diffusers' thresholding at 1), and DDIM 100 (the training grids' default) as the
+#: bar for dpm++2m at 20.
+STEPS_TABLE = [
+    *[
+        (f"{label} {steps} steps", dict(sampler=sampler, steps=steps, **kwargs))
+        for sampler, label, kwargs in (
+            ("ddim", "DDIM", {}),
+            ("dpm++2m", "DPM-Solver++ 2M", {}),
+            ("dpm++2m", "DPM-Solver++ 2M x0 clipped,", dict(clip_x0=True)),
+        )
+        for steps in (5, 10, 15, 20, 25, 50)
+    ],
+    ("DDIM 100 steps", dict(sampler="ddim", steps=100)),
+]
+TABLES = {"samplers": TABLE, "steps": STEPS_TABLE}
+
+
+def run_table(
+    checkpoint, net: JudgeNet, n: int = 200, seed: int = 0, as_json: bool = False, table=TABLE
+):
+    """Judge every setting of ``table`` (TABLE or STEPS_TABLE) on one checkpoint; print a
+    markdown table (or JSON lines)."""
     if not as_json:
         print(f"| sampler ({n} images, seed {seed}) | FD | confidence | classes 0-9 | time |")
         print("|---|---|---|---|---|")
@@ -305,7 +329,7 @@ def run_table(checkpoint, net: JudgeNet, n: int = 200, seed: int = 0, as_json: b
         _print_row(
             f"({name} digits)" if name == "real" else "(uniform noise)", result, None, as_json
         )
-    for label, kwargs in TABLE:
+    for label, kwargs in table:
         start = time.perf_counter()
         result = judge_images(sample_images(checkpoint, n, seed=seed, **kwargs), net)
         _print_row(label, result, time.perf_counter() - start, as_json)
@@ -337,8 +361,8 @@ def main(argv=None) -> int:
     p.add_argument("--reference", action="store_true", help="print the floor and ceiling")
     p.add_argument("-n", type=int, default=200, help="images to sample [200]")
     p.add_argument("--seed", type=int, default=0, help="[0]")
-    p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="[ddpm]")
-    p.add_argument("--steps", type=int, default=None, help="ddim steps [50]")
+    p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim", "dpm++2m"], help="[ddpm]")
+    p.add_argument("--steps", type=int, default=None, help="ddim [50] / dpm++2m [20] steps")
     p.add_argument("--variance", default="beta", choices=["beta", "posterior"], help="[beta]")
     p.add_argument("--eta", type=float, default=0.0, help="[0]")
     p.add_argument(
@@ -348,7 +372,12 @@ def main(argv=None) -> int:
     p.add_argument("--label", default=None, help="name printed for the result")
     p.add_argument("--json", action="store_true", help="print one JSON line per result")
     p.add_argument(
-        "--table", action="store_true", help="judge every sampler setting of TABLE (markdown)"
+        "--table",
+        nargs="?",
+        const="samplers",
+        choices=sorted(TABLES),
+        help="judge every sampler setting of TABLE (samplers, the default) or STEPS_TABLE"
+        " (steps: ddim and dpm++2m at 5-50 steps) (markdown)",
     )
     p.add_argument(
         "--eval-loss", action="store_true", help="print the EMA model's fixed-noise eval loss"
@@ -365,7 +394,10 @@ def main(argv=None) -> int:
     if args.table:
         if not args.source or str(args.source).endswith(".npz"):
             p.error("--table needs a run directory or checkpoint to sample")
-        run_table(args.source, net, n=args.n, seed=args.seed, as_json=args.json)
+        run_table(
+            args.source, net, n=args.n, seed=args.seed, as_json=args.json,
+            table=TABLES[args.table],
+        )  # fmt: skip
         return 0
     results = []
     if args.reference:
