@@ -140,6 +140,18 @@ def _add_train(sub) -> None:
         help="CUDA: run the eager training step instead of replaying it as a CUDA graph",
     )
     p.add_argument("--compile", action="store_true", help="run the model through torch.compile")
+    p.add_argument(
+        "--conditional",
+        action="store_true",
+        help="class-conditional model for classifier-free guidance, on the data's labels"
+        " (digits, an .npz 'labels' array, or a folder's class subfolders)",
+    )
+    p.add_argument(
+        "--class-dropout",
+        type=float,
+        default=0.1,
+        help="with --conditional: probability of training a label as the null class [0.1]",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_train)
 
@@ -305,6 +317,8 @@ def _run_train(args) -> int:
         progress=not args.no_progress,
         cuda_graph=not args.no_cuda_graph,
         compile=args.compile,
+        conditional=args.conditional,
+        class_dropout=args.class_dropout,
     )
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes
         print(f"wrote {out / 'samples.png'}, {out / 'metrics.jsonl'} and {out / 'checkpoints'}/")

@@ -15,6 +15,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from . import cuda_graphs, ops
 from .errors import CheckpointError
+from .labels import model_num_classes
 from .low_precision import sampling_model
 from .precision import resolve_channels_last, resolve_device, resolve_precision
 from .sampling import Sampler, check_sample_args, run_sampler
@@ -54,6 +55,12 @@ class Diffusion:
     def device(self) -> torch.device:
         p = next(self.model.parameters(), None)
         return p.device if p is not None else torch.device("cpu")
+
+    @property
+    def num_classes(self) -> int | None:
+        """The classes of a class-conditional model (labels 0..K-1; K is its null class),
+        None for an unconditional one (fastdiff.labels.model_num_classes)."""
+        return model_num_classes(self.model)
 
     def to(self, device) -> Diffusion:
         device = torch.device(device)
