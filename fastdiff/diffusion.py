@@ -18,7 +18,7 @@ from .errors import CheckpointError
 from .labels import model_num_classes
 from .low_precision import sampling_model
 from .precision import resolve_channels_last, resolve_device, resolve_precision
-from .sampling import Sampler, check_sample_args, run_sampler
+from .sampling import Sampler, check_guidance_args, check_sample_args, run_sampler
 from .schedule import NoiseSchedule
 from .unet import UNet
 
@@ -215,6 +215,8 @@ def sample(
     device=None,
     progress: bool = False,
     strict: bool | None = None,
+    labels=None,
+    guidance_scale: float | None = None,
 ) -> torch.Tensor:
     """Draw n images with Algorithm 20.2 (the fused reverse step), (n, C, H, W) in [-1, 1].
 
@@ -251,6 +253,12 @@ def sample(
         channels_last: memory layout of the latents (default: auto, as for training).
         device: move the model there first (default: where it is).
         progress: show a tqdm progress bar.
+        labels: a class-conditional model's class for every image: an int, or n ints in
+            0..num_classes-1; None: the null class (the unconditional model).
+        guidance_scale: classifier-free guidance s, eps = eps_u + s (eps_c - eps_u) (1: the
+            conditional model alone, 0: the unconditional one); default
+            ``sampling.DEFAULT_GUIDANCE_SCALE``.  For s != 1 each step runs the model once on
+            2B rows (conditional and null) and the fused step forms the guided eps.
     Returns:
         float32 tensor (n, C, H, W) on the model's device, clamped to [-1, 1].
     """
@@ -262,6 +270,7 @@ def sample(
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, ()).item())
     batch_size = check_sample_args(n, batch_size, seed, steps, sampler, eta, diffusion.schedule.T)
+    labels, guidance = check_guidance_args(diffusion.num_classes, labels, guidance_scale, n)
     strict = cuda_graphs.strict_mode(strict)
     if variance is None:
         variance = diffusion.sampling_default("variance", "beta")
@@ -285,6 +294,7 @@ def sample(
         runner = Sampler(
             net, diffusion.schedule, precision=prec, channels_last=cl, variance=variance,
             sampler=sampler, steps=steps, eta=eta, clip_x0=clip_x0, clip_rule=clip_rule,
+            guidance=guidance,
         )  # fmt: skip
         return run_sampler(
             runner,
@@ -296,6 +306,7 @@ def sample(
             cuda_graph=cuda_graph,
             progress=progress,
             strict=strict,
+            labels=labels,
         )
     finally:
         net.train(was_training)

@@ -33,10 +33,10 @@ from .errors import DataError
 
 __all__ = [
     "check_labels",
+    "class_rows",
     "drop_labels",
     "folder_labels",
     "model_num_classes",
-    "null_labels",
     "resolve_labelled_data",
 ]
 
@@ -163,9 +163,9 @@ def model_num_classes(model: nn.Module) -> int | None:
     return value
 
 
-def null_labels(n: int, num_classes: int, device) -> torch.Tensor:
-    """(n,) int64 filled with the null class ``num_classes``."""
-    return torch.full((n,), num_classes, dtype=torch.int64, device=device)
+def class_rows(num_classes: int, per_class: int) -> torch.Tensor:
+    """Labels for a grid with one row per class: 0 (per_class times), 1, ..., K-1."""
+    return torch.arange(num_classes).repeat_interleave(per_class)
 
 
 def drop_labels(

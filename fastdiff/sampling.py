@@ -12,6 +12,12 @@ and replayed once per step with no host work in between, and it produces exactly
 images as the eager loop, which runs the very same step function (CPU, or
 ``cuda_graph=False``).
 
+Classifier-free guidance (a class-conditional model, ``Guidance``): the static buffers also
+hold the labels y (B,).  With scale s != 1 the step makes one model call on 2B rows,
+model([z; z], [t; t], [y; null]) -> [eps_c; eps_u], and hands the two halves (views) to the
+fused step, which forms eps = eps_u + s (eps_c - eps_u) in the kernel; s == 1 calls the model
+on the B conditional rows only.  The whole guided step is the one captured graph.
+
 Seeds: ``sample(..., seed=s)`` draws z_T for batch b from a torch.Generator seeded with
 (s, b) and the step noise from in-kernel Philox with seeds derived from (s, b); the same seed
 gives the same images on the same device and backend.
@@ -20,6 +26,7 @@ gives the same images on the same device and backend.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -27,23 +34,64 @@ from torch import nn
 from . import cuda_graphs, ops
 from .precision import Precision, memory_format
 from .profiling import phase
+from .labels import check_labels
 from .progress import progress_bar
 from .schedule import NoiseSchedule
 from .validation import require_int
 
 SAMPLERS = ("ddpm", "ddim")
+#: sample()'s guidance scale for a class-conditional model when none is given: chosen from
+#: the class-accuracy / judge-FD table in docs/PERFORMANCE.md ("Classifier-free guidance").
+DEFAULT_GUIDANCE_SCALE = 3.0
 #: Spacing of the per-batch seed streams: batch b of seed s uses step seeds
 #: s * 2**32 + b * 2**20 + k (k < T <= 2**20).
 _BATCH_STRIDE, _SEED_STRIDE = 2**20, 2**32
 
 
-class StepBuffers:
-    """The static state of one sampling batch: latents, step indices and seed, on device."""
+@dataclass(frozen=True)
+class Guidance:
+    """How a class-conditional model is sampled: its ``num_classes`` K (labels 0..K-1; K is
+    the null class) and the classifier-free guidance ``scale`` s of
+    eps = eps_u + s (eps_c - eps_u) (diffusers' convention: 1 is the conditional model
+    alone, 0 the unconditional one)."""
 
-    def __init__(self, z: torch.Tensor, first_step: int, seed: int):
+    num_classes: int
+    scale: float = 1.0
+
+    @property
+    def batched(self) -> bool:
+        """Whether a step needs the unconditional prediction too (one model call on 2B)."""
+        return self.scale != 1.0
+
+
+class StepBuffers:
+    """The static state of one sampling batch: latents, step indices and seed, on device;
+    for a conditional model also the labels y (B,) and the doubled batch's [y; null] (2B,)."""
+
+    def __init__(
+        self, z: torch.Tensor, first_step: int, seed: int, labels: torch.Tensor | None = None,
+        guidance: Guidance | None = None,
+    ):  # fmt: skip
         self.z = z
         self.t = torch.full((z.shape[0],), first_step, dtype=torch.long, device=z.device)
         self.seed = torch.full((1,), seed, dtype=torch.long, device=z.device)
+        self.y = self.y2 = None
+        if guidance is not None:
+            null = torch.full_like(self.t, guidance.num_classes)
+            self.y = null.clone() if labels is None else labels.to(z.device, torch.long).clone()
+            if guidance.batched:
+                self.y2 = torch.cat([self.y, null])
+
+    def set_labels(self, labels: torch.Tensor | None, guidance: Guidance | None) -> None:
+        """Copy a batch's labels into the static buffers (before replaying a graph)."""
+        if self.y is None:
+            return
+        if labels is None:
+            self.y.fill_(guidance.num_classes)
+        else:
+            self.y.copy_(labels)
+        if self.y2 is not None:
+            self.y2[: self.y.shape[0]].copy_(self.y)
 
     def snapshot(self):
         return self.z.clone(), self.t.clone(), self.seed.clone()
@@ -80,6 +128,7 @@ class Sampler:
         eta: float = 0.0,
         clip_x0: bool = False,
         clip_rule: str = "rederive",
+        guidance: Guidance | None = None,
     ):
         if variance not in ops.VARIANCES:
             raise ValueError(f"variance: expected one of {sorted(ops.VARIANCES)}, got {variance!r}")
@@ -93,6 +142,7 @@ class Sampler:
         self.eta = float(eta)
         self.clip_x0 = bool(clip_x0)
         self.clip_rule = clip_rule
+        self.guidance = guidance
         self.timesteps = sampling_timesteps(schedule.T, sampler, steps)
         prev = torch.full((schedule.T,), -1, dtype=torch.long)
         prev[self.timesteps[:-1]] = torch.tensor(self.timesteps[1:], dtype=torch.long)
@@ -117,11 +167,24 @@ class Sampler:
             return "an earlier capture of this sampler's step failed"
         return cuda_graphs.unavailable_reason(device)
 
+    def predict(self, buf: StepBuffers) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(eps, None) of the model at the buffers' z and t; guided: (eps_c, eps_u), views of
+        one model call on the 2B rows [z; z], [t; t], [y; null]."""
+        g = self.guidance
+        with self.precision.autocast(buf.z.device, cache=False):
+            if g is None:
+                return self.model(buf.z, buf.t), None
+            if not g.batched:
+                return self.model(buf.z, buf.t, buf.y), None
+            B = buf.z.shape[0]
+            pred = self.model(torch.cat([buf.z, buf.z]), torch.cat([buf.t, buf.t]), buf.y2)
+            return pred[:B], pred[B:]
+
     def step(self, buf: StepBuffers) -> None:
         """One reverse step on the static buffers, advancing t and the seed in place."""
         with phase("sampler step"):
-            with self.precision.autocast(buf.z.device, cache=False):
-                pred = self.model(buf.z, buf.t)
+            pred, uncond = self.predict(buf)
+            scale = 1.0 if uncond is None else self.guidance.scale
             t_prev = self.prev_step[buf.t]
             if self.kind == "ddpm":
                 ops.reverse_step(
@@ -134,6 +197,8 @@ class Sampler:
                     clip_x0=self.clip_x0,
                     validate=False,
                     out=buf.z,
+                    pred_uncond=uncond,
+                    guidance_scale=scale,
                 )
             else:
                 ops.ddim_step(
@@ -148,6 +213,8 @@ class Sampler:
                     clip_rule=self.clip_rule,
                     validate=False,
                     out=buf.z,
+                    pred_uncond=uncond,
+                    guidance_scale=scale,
                 )
             buf.t.copy_(t_prev)
             buf.seed.add_(1)
@@ -160,13 +227,18 @@ class Sampler:
                 on_step()
         return buf.z
 
+    def buffers(self, z: torch.Tensor, seed: int, labels=None) -> StepBuffers:
+        """Static buffers for a batch starting from latents z at the first step."""
+        return StepBuffers(z, self.timesteps[0], seed, labels, self.guidance)
+
     def run_graph(
-        self, z0: torch.Tensor, seed: int, on_step=None, strict: bool = False
+        self, z0: torch.Tensor, seed: int, on_step=None, strict: bool = False, labels=None
     ) -> torch.Tensor:
         """Capture the step once for this batch size (cached), then replay it per step;
         ``on_step()`` is called after each replay is queued (the GPU may still be behind).
         If the capture fails (a model that cannot be captured), the chain runs eagerly from
-        z0 after one log line (``cuda_graphs.capture``), or raises when ``strict``."""
+        z0 after one log line (``cuda_graphs.capture``), or raises when ``strict``.
+        ``labels`` (B,): the batch's classes (conditional model; None: the null class)."""
         B = z0.shape[0]
         with torch.cuda.device(z0.device):  # streams and capture on z0's GPU, not the current
             if B not in self._graphs and not self.graph_failed:
@@ -176,9 +248,10 @@ class Sampler:
                 else:
                     self._graphs[B] = captured
             if self.graph_failed:
-                return self.run_eager(StepBuffers(z0.clone(), self.timesteps[0], seed), on_step)
+                return self.run_eager(self.buffers(z0.clone(), seed, labels), on_step)
             graph, buf = self._graphs[B]
             buf.z.copy_(z0)
+            buf.set_labels(labels, self.guidance)
             buf.t.fill_(self.timesteps[0])
             buf.seed.fill_(seed)
             for _ in range(self.num_steps):
@@ -191,7 +264,7 @@ class Sampler:
         """(graph, its static buffers) for latents shaped like z, or None if it failed."""
         # A private generator: the default one (training's dropout stream) stays untouched.
         z.normal_(generator=torch.Generator(z.device).manual_seed(0))
-        buf = StepBuffers(z, self.timesteps[0], 0)
+        buf = self.buffers(z, 0)
         snap = buf.snapshot()
 
         def warm_up():  # autotuning and lazy initialisation happen outside the capture
@@ -233,8 +306,10 @@ def run_sampler(
     cuda_graph: bool,
     progress: bool = False,
     strict: bool = False,
+    labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """n images (n, C, H, W) in [-1, 1], float32 on ``device``, batch by batch.
+    """n images (n, C, H, W) in [-1, 1], float32 on ``device``, batch by batch; ``labels``
+    (n,): the class of each image (a conditional model; None: the null class).
 
     With ``cuda_graph`` on CUDA the step is captured and replayed (``Sampler.run_graph``);
     where it cannot be, the chain runs eagerly after one log line, or raises when ``strict``.
@@ -252,11 +327,12 @@ def run_sampler(
             size = min(batch_size, n - b * batch_size)
             z0 = initial_noise((size, *image_shape), device, seed, b, sampler.channels_last)
             step_seed = seed * _SEED_STRIDE + b * _BATCH_STRIDE
+            y = None if labels is None else labels[b * batch_size : b * batch_size + size]
+            y = None if y is None else y.to(device)
             if use_graph:
-                z = sampler.run_graph(z0, step_seed, on_step=bar.update, strict=strict)
+                z = sampler.run_graph(z0, step_seed, on_step=bar.update, strict=strict, labels=y)
             else:
-                buf = StepBuffers(z0, sampler.timesteps[0], step_seed)
-                z = sampler.run_eager(buf, on_step=bar.update)
+                z = sampler.run_eager(sampler.buffers(z0, step_seed, y), on_step=bar.update)
             out.append(z.float().clamp_(-1.0, 1.0).contiguous())
     bar.close()
     return torch.cat(out)
@@ -281,3 +357,30 @@ def check_sample_args(n, batch_size, seed, steps, sampler, eta, T) -> int:
     if T > _BATCH_STRIDE:
         raise ValueError(f"schedule: at most {_BATCH_STRIDE} steps are supported, got T={T}")
     return batch_size
+
+
+def check_guidance_args(num_classes: int | None, labels, guidance_scale, n: int):
+    """sample()'s ``labels`` / ``guidance_scale`` for a model with ``num_classes`` (None:
+    unconditional), checked before any work: (labels (n,) int64 CPU tensor or None, Guidance
+    or None).  ``labels``: an int (every image) or one per image; None with a conditional
+    model means the null class (the unconditional model; the scale is then moot)."""
+    if num_classes is None:
+        if labels is not None:
+            raise ValueError("labels: this model is unconditional (no num_classes); omit labels")
+        if guidance_scale not in (None, 1, 1.0):
+            raise ValueError(
+                f"guidance_scale: needs a class-conditional model, got {guidance_scale!r}"
+            )
+        return None, None
+    if guidance_scale is None:
+        guidance_scale = DEFAULT_GUIDANCE_SCALE
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+        raise TypeError(f"guidance_scale: expected a number, got {guidance_scale!r}")
+    if not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale: expected a finite number, got {guidance_scale!r}")
+    if labels is None:
+        return None, Guidance(num_classes, 1.0)
+    if isinstance(labels, int) and not isinstance(labels, bool):
+        labels = [labels] * n
+    labels = check_labels(labels, n, num_classes, name="labels")
+    return labels, Guidance(num_classes, float(guidance_scale))

@@ -40,7 +40,13 @@ from torch import nn
 from . import checkpoint as ckpt
 from . import cuda_graphs, distributed, ops, preemption, train_graph
 from .data import make_batches, resolve_data
-from .labels import check_labels, drop_labels, model_num_classes, resolve_labelled_data
+from .labels import (
+    check_labels,
+    class_rows,
+    drop_labels,
+    model_num_classes,
+    resolve_labelled_data,
+)
 from .diffusion import Diffusion, build_model
 from .ema import EMA
 from .errors import CheckpointError, DataError, FastDiffError, OutputError
@@ -676,8 +682,14 @@ class _Run:
     def _save_grid(self, path: Path, diffusion: Diffusion | None = None) -> None:
         diffusion = diffusion or self.diffusion()
         rng_state = torch.get_rng_state()  # sampling must not disturb the training RNG
+        n, labels, nrow = self.cfg.n_samples, None, None
+        if self.num_classes is not None:  # one row per class, the default guidance scale
+            nrow = max(1, n // self.num_classes)
+            labels = class_rows(self.num_classes, nrow)
+            n = labels.numel()
         images = diffusion.sample(
-            self.cfg.n_samples,
+            n,
+            labels=labels,
             seed=self.cfg.seed,
             # The training layout: sample() may convert a module it samples in place, and the
             # captured training step holds the weights' addresses.
@@ -689,7 +701,7 @@ class _Run:
         )
         torch.set_rng_state(rng_state)
         self.model.train()
-        save_image_grid(images, path, scale=max(1, 64 // max(self.image_shape[1:])))
+        save_image_grid(images, path, nrow, scale=max(1, 64 // max(self.image_shape[1:])))
 
     def rank_state(self) -> dict:
         """What differs between ranks: RNG streams and data order."""
