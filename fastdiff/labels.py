@@ -125,7 +125,8 @@ def resolve_labelled_data(data, labels=None, *, image_size: int | None = None):
         found = _dataset_labels(data)
         classes = getattr(data, "classes", None)
         num_classes = len(classes) if isinstance(classes, (list, tuple)) and classes else None
-        return data, check_labels(found, len(data), num_classes, name="data"), _count(found, num_classes)
+        found = check_labels(found, len(data), num_classes, name="data")
+        return data, found, _count(found, num_classes)
     if isinstance(data, (str, Path)):
         if labels is not None:
             raise DataError(
@@ -134,7 +135,8 @@ def resolve_labelled_data(data, labels=None, *, image_size: int | None = None):
             )
         images, found, num_classes = data_mod.load_labelled_path(data, image_size=image_size)
         images = data_mod.resolve_data(images)
-        return images, check_labels(found, images.shape[0], num_classes, name="data"), num_classes
+        found = check_labels(found, images.shape[0], num_classes, name="data")
+        return images, found, _count(found, num_classes)
     images = data_mod.resolve_data(data, image_size=image_size)
     if labels is None:
         raise DataError(
