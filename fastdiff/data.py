@@ -338,9 +338,7 @@ class InMemoryBatches(Batches):
     ``labels`` (N,) int64, if given, are stored on the device beside it.
     """
 
-    def __init__(
-        self, data: torch.Tensor, batch_size: int, device, *, seed: int = 0, labels=None
-    ):
+    def __init__(self, data: torch.Tensor, batch_size: int, device, *, seed: int = 0, labels=None):
         _check_batch_size(batch_size)
         self.device = torch.device(device)
         self.data = to_model_range(data.to(self.device), name="data").contiguous()

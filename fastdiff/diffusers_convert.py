@@ -25,8 +25,8 @@ the same names; ``layers_per_block`` = ``num_res_blocks``; ``block_out_channels[
 resolution ``image_size / 2**i``; ``attention_head_dim`` None = one head;
 ``num_class_embeds`` = ``num_classes + 1`` (a class-conditional UNet: its
 ``class_embedding`` rows are fastdiff's ``class_embed`` rows, the last one the null class of
-classifier-free guidance; a diffusers model with K embeddings loads as ``num_classes=K-1``).  Step indices are
-0-based on both sides (diffusers' ``timesteps`` are fastdiff's ``t``).
+classifier-free guidance; a diffusers model with K embeddings loads as ``num_classes=K-1``).
+Step indices are 0-based on both sides (diffusers' ``timesteps`` are fastdiff's ``t``).
 """
 
 from __future__ import annotations

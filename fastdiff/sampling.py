@@ -32,9 +32,9 @@ import torch
 from torch import nn
 
 from . import cuda_graphs, ops
+from .labels import check_labels
 from .precision import Precision, memory_format
 from .profiling import phase
-from .labels import check_labels
 from .progress import progress_bar
 from .schedule import NoiseSchedule
 from .validation import require_int

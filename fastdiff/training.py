@@ -40,6 +40,10 @@ from torch import nn
 from . import checkpoint as ckpt
 from . import cuda_graphs, distributed, ops, preemption, train_graph
 from .data import make_batches, resolve_data
+from .diffusion import Diffusion, build_model
+from .ema import EMA
+from .errors import CheckpointError, DataError, FastDiffError, OutputError
+from .images import save_image_grid
 from .labels import (
     check_labels,
     class_rows,
@@ -47,10 +51,6 @@ from .labels import (
     model_num_classes,
     resolve_labelled_data,
 )
-from .diffusion import Diffusion, build_model
-from .ema import EMA
-from .errors import CheckpointError, DataError, FastDiffError, OutputError
-from .images import save_image_grid
 from .metrics_log import MetricsLog
 from .precision import (
     memory_format,

@@ -223,10 +223,25 @@ def test_cli_conditional_train_sample_and_eval(tmp_path, capsys):
     assert main(args) == 0
     assert fastdiff.load(run, device="cpu").num_classes == K
     out = tmp_path / "g.npz"
-    assert main(["sample", str(run), "--label", "all", "-n", "6", "--sampler", "ddim",
-                 "--steps", "2", "--guidance-scale", "2", "--out", str(out), "--no-progress"]) == 0  # fmt: skip
+    args = ["sample", str(run), "--label", "all", "-n", "6", "--sampler", "ddim", "--steps",
+            "2", "--guidance-scale", "2", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(args) == 0
     assert np.load(out)["images"].shape == (6, 1, 8, 8)  # one row of 2 per class
     capsys.readouterr()
     assert main(["eval", str(run), "--data", str(npz), "-n", "2", "--no-progress"]) == 0
     assert "conditional on the data's labels" in capsys.readouterr().out
     assert main(["sample", str(run), "--label", "5", "--out", str(out), "--no-progress"]) == 2
+
+
+def test_conditional_elbo_uses_the_labels():
+    """bits_per_dim(labels=y) is the bound of the model at y (Fixed, written here), and
+    differs from the null class's."""
+    from fastdiff.elbo import bits_per_dim
+
+    d = conditional_diffusion(T=4)
+    x, y = labelled(4)
+    got = bits_per_dim(d, x, labels=y, batch_size=4)
+    want = bits_per_dim(Diffusion(Fixed(d.model, y), d.schedule, d.image_shape), x, batch_size=4)
+    assert got["conditional"] and not want["conditional"]
+    assert got["bits_per_dim"] == pytest.approx(want["bits_per_dim"], rel=1e-6)
+    assert abs(bits_per_dim(d, x, batch_size=4)["bits_per_dim"] - got["bits_per_dim"]) > 1e-3

@@ -13,6 +13,7 @@ from fastdiff.labels import check_labels, resolve_labelled_data
 
 TINY = dict(preset="tiny", T=10, device="cpu", progress=False, warmup_steps=1, steps=1,
             batch_size=2, precision="fp32", channels_last=False)  # fmt: skip
+NO_PRESET = {k: v for k, v in TINY.items() if k != "preset"}
 
 
 def test_builtin_digits_carry_their_labels():
@@ -105,7 +106,7 @@ def test_labels_beyond_the_models_classes_are_refused():
     model = fastdiff.UNet.preset("tiny", num_classes=3)
     with pytest.raises(DataError, match=r"data: expected labels in 0..2 \(num_classes=3\), got 3"):
         fastdiff.train(torch.zeros(4, 1, 8, 8), model, conditional=True, labels=[0, 1, 2, 3],
-                       **{k: v for k, v in TINY.items() if k != "preset"})  # fmt: skip
+                       **NO_PRESET)  # fmt: skip
     assert check_labels([0, 2], 2, 3).tolist() == [0, 2]
 
 
@@ -129,4 +130,4 @@ def test_path_data_takes_no_labels_keyword_and_unconditional_models_are_refused(
         fastdiff.train("digits", conditional=True, labels=[0], **TINY)
     with pytest.raises(ValueError, match="model: a conditional run needs a class-conditional"):
         fastdiff.train(torch.zeros(4, 1, 8, 8), fastdiff.UNet.preset("tiny"), conditional=True,
-                       labels=[0, 1, 0, 1], **{k: v for k, v in TINY.items() if k != "preset"})  # fmt: skip
+                       labels=[0, 1, 0, 1], **NO_PRESET)  # fmt: skip

@@ -37,8 +37,8 @@ its sampling noise removed, which ranks checkpoints of one data set far more ste
 200-image FD does.
 
 Importable: ``train_judge``, ``judge_images``, ``frechet_distance``, ``reference_scores``,
-``sample_images``, ``eval_loss``, ``class_accuracy``, ``run_guidance_table``.  Not a test and not a benchmark: plain ``pytest`` does not
-collect it.
+``sample_images``, ``eval_loss``, ``class_accuracy``, ``run_guidance_table``.  Not a test
+and not a benchmark: plain ``pytest`` does not collect it.
 """
 
 from __future__ import annotations
@@ -358,8 +358,15 @@ def run_guidance_table(checkpoint, net: JudgeNet, per_class: int = 20, seed: int
             print(json.dumps({"name": name, **result, "seconds": seconds}), flush=True)
             continue
         acc = result.get("accuracy")
-        cells = ("-", "-", "-") if acc is None else (
-            f"{min(acc):.3f}", f"{sum(acc) / len(acc):.3f}", " ".join(f"{a:.2f}" for a in acc))
+        cells = (
+            ("-", "-", "-")
+            if acc is None
+            else (
+                f"{min(acc):.3f}",
+                f"{sum(acc) / len(acc):.3f}",
+                " ".join(f"{a:.2f}" for a in acc),
+            )
+        )
         print(f"| {name} | {' | '.join(cells)} | {result['fd']:.2f} | {seconds:.0f} s |",
               flush=True)  # fmt: skip
 
