@@ -408,7 +408,7 @@ GUIDANCE_CASES = [
     ],
 )
 def test_guided_sample(measure_rounds, case, scale):
-    from fastdiff.sampling import Guidance
+    from fastdiff.samplers import Guidance, SamplerRunner, SamplerSpec
 
     _check_supported(case)
     dev = torch.device(case.device)
@@ -417,8 +417,10 @@ def test_guided_sample(measure_rounds, case, scale):
     torch.manual_seed(SEED)
     model = model_for_data(case.image_shape, case.preset, num_classes=10)
     model.to(dev, memory_format=memory_format(case.channels_last)).eval().requires_grad_(False)
-    sampler = Sampler(model, schedule, precision=prec, channels_last=case.channels_last,
-                      guidance=Guidance(10, scale))  # fmt: skip
+    spec = SamplerSpec("ddpm", clip_x0=False, variance="beta")
+    guidance = Guidance(10, scale)
+    sampler = SamplerRunner(model, schedule, spec, precision=prec,
+                            channels_last=case.channels_last, guidance=guidance)  # fmt: skip
     labels = torch.arange(case.batch, device=dev) % 10
     graph = case.impl == "fastdiff_graph"
 

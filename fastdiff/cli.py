@@ -24,6 +24,7 @@ from . import distributed
 from .errors import FastDiffError
 from .precision import PRECISIONS
 from .preemption import TrainingInterrupted
+from .samplers import SAMPLERS, SamplerSpec
 from .training import LR_SCHEDULES
 
 #: Defaults of ``fastdiff train`` with no arguments: the built-in digits, under 10 minutes on
@@ -124,7 +125,7 @@ def _add_train(sub) -> None:
     p.add_argument(
         "--sample-sampler",
         default=DEFAULT_SAMPLE_SAMPLER,
-        choices=["ddpm", "ddim"],
+        choices=SAMPLERS,
         help=f"sampler of the grids [{DEFAULT_SAMPLE_SAMPLER}]",
     )
     p.add_argument(
@@ -178,16 +179,17 @@ def _add_sample(sub) -> None:
     p.add_argument(
         "--sampler",
         default="ddpm",
-        choices=["ddpm", "ddim"],
-        help="ddpm: all T steps (Algorithm 20.2); ddim: --steps steps [ddpm]",
+        choices=SAMPLERS,
+        help="ddpm: all T steps (Algorithm 20.2); ddim, dpm++2m (DPM-Solver++ 2M, as"
+        " diffusers' DPMSolverMultistepScheduler): --steps steps [ddpm]",
     )
-    p.add_argument("--steps", type=int, default=None, help="ddim steps [50]")
+    p.add_argument("--steps", type=int, default=None, help="ddim [50] or dpm++2m [20] steps")
     p.add_argument("--eta", type=float, default=0.0, help="ddim noise scale in [0, 1] [0]")
     clip = p.add_mutually_exclusive_group()
     clip.add_argument(
         "--clip",
         action="store_true",
-        help="clamp the predicted x0 to [-1, 1] at every step [on for ddim, off for ddpm]",
+        help="clamp the predicted x0 to [-1, 1] at every step [on for ddim, off otherwise]",
     )
     clip.add_argument("--no-clip", action="store_true", help="ddim: do not clamp x0")
     p.add_argument(
@@ -367,6 +369,15 @@ def _run_sample(args) -> int:
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".npz"):
         raise FastDiffError(f"--out: expected a .png or .npz file name, got {str(out)!r}")
+    spec = SamplerSpec.checked(
+        name=args.sampler,
+        steps=args.steps,
+        eta=args.eta,
+        clip_x0=True if args.clip else False if args.no_clip else None,
+        clip_rule=args.clip_rule,
+        variance=args.variance,
+        names={"name": "--sampler", "steps": "--steps", "eta": "--eta"},
+    )
     diffusion = load(args.checkpoint, device=args.device)
     n, labels, nrow = _label_rows(args.label, args.n, diffusion.num_classes)
     images = sample(
@@ -376,12 +387,7 @@ def _run_sample(args) -> int:
         guidance_scale=args.guidance_scale,
         seed=args.seed,
         batch_size=args.batch_size,
-        variance=args.variance,
-        sampler=args.sampler,
-        steps=args.steps,
-        eta=args.eta,
-        clip_x0=True if args.clip else False if args.no_clip else None,
-        clip_rule=args.clip_rule,
+        sampler=spec,
         use_ema=not args.no_ema,
         cuda_graph=not args.no_cuda_graph,
         precision=args.precision,

@@ -1,7 +1,7 @@
 """CUDA graphs for the training step and the sampler: where one can run, how a step is
 captured, and what happens when it cannot be.
 
-Both captured steps (``train_graph.GraphStep``, ``sampling.Sampler``) go through
+Both captured steps (``train_graph.GraphStep``, ``samplers.SamplerRunner``) go through
 :func:`capture` and :func:`fall_back`, so they share one set of rules:
 
 * **Where.** Only on CUDA (:func:`on_cuda`), and only when the fused ops take the Triton path

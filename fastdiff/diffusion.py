@@ -13,12 +13,19 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import cuda_graphs, ops
+from . import cuda_graphs
 from .errors import CheckpointError
 from .labels import model_num_classes
 from .low_precision import sampling_model
 from .precision import resolve_channels_last, resolve_device, resolve_precision
-from .sampling import Sampler, check_guidance_args, check_sample_args, run_sampler
+from .samplers import (
+    SamplerRunner,
+    SamplerSpec,
+    check_guidance_args,
+    check_latents,
+    check_run_args,
+    run_sampler,
+)
 from .schedule import NoiseSchedule
 from .unet import UNet
 
@@ -201,20 +208,21 @@ def sample(
     n: int,
     *,
     steps: int | None = None,
-    sampler: str = "ddpm",
+    sampler: str | SamplerSpec = "ddpm",
     seed: int | None = None,
     batch_size: int | None = None,
     use_ema: bool = True,
     variance: str | None = None,
-    eta: float = 0.0,
+    eta: float | None = None,
     clip_x0: bool | None = None,
-    clip_rule: str = "rederive",
+    clip_rule: str | None = None,
     cuda_graph: bool = True,
     precision: str | None = None,
     channels_last=None,
     device=None,
     progress: bool = False,
     strict: bool | None = None,
+    latents: torch.Tensor | None = None,
     labels=None,
     guidance_scale: float | None = None,
 ) -> torch.Tensor:
@@ -223,9 +231,13 @@ def sample(
     Args:
         diffusion_or_path: a Diffusion, or a checkpoint path for ``fastdiff.load``.
         n: number of images.
-        sampler: "ddpm" (Algorithm 20.2, every one of the T steps, fused reverse step) or
-            "ddim" (Song et al. 2021: ``steps`` evenly spaced steps, default 50).
-        steps: for ddim, how many denoising steps; for ddpm None or T.
+        sampler: "ddpm" (Algorithm 20.2, every one of the T steps, fused reverse step),
+            "ddim" (Song et al. 2021: ``steps`` evenly spaced steps, default 50) or
+            "dpm++2m" (DPM-Solver++ 2M, diffusers' DPMSolverMultistepScheduler defaults:
+            ``steps`` steps, default 20; fastdiff.samplers.dpm_solver).  Or a SamplerSpec
+            holding the sampler and its options (then steps, eta, clip_x0, clip_rule and
+            variance stay unset here).
+        steps: for ddim and dpm++2m, how many denoising steps; for ddpm None or T.
         seed: same seed -> same images (on the same device and backend); None draws one.
         batch_size: images denoised at once (default min(n, 256)).
         use_ema: sample with the EMA weights when the model has them (default).
@@ -234,8 +246,9 @@ def sample(
             "beta".
         eta: ddim's noise scale: 0 deterministic (default), 1 DDPM-like.
         clip_x0: clamp the predicted x0 to [-1, 1] at each step.  Default: True for ddim,
-            False for ddpm (Algorithm 20.2 exactly); True for ddpm takes the posterior mean at
-            the clamped x0 (improved-diffusion's ``clip_denoised``).  For ddpm the default is
+            False for ddpm (Algorithm 20.2 exactly) and dpm++2m (diffusers' default
+            thresholding=False); True for ddpm takes the posterior mean at the clamped x0
+            (improved-diffusion's ``clip_denoised``).  For ddpm the default is
             ``config["sampling"]["clip_x0"]`` when recorded (a diffusers clip_sample).
         clip_rule: ddim with clip_x0: ``"rederive"`` (default) re-derives eps from the clamped
             x0, eps = (z_t - sqrt(alpha_t) x0) / sqrt(1 - alpha_t), as improved-diffusion does
@@ -253,11 +266,13 @@ def sample(
         channels_last: memory layout of the latents (default: auto, as for training).
         device: move the model there first (default: where it is).
         progress: show a tqdm progress bar.
+        latents: start from these z_T (n, C, H, W), a floating tensor on the sampling device
+            (diffusers' ``latents=``), instead of noise drawn from ``seed``; any sampler.
         labels: a class-conditional model's class for every image: an int, or n ints in
             0..num_classes-1; None: the null class (the unconditional model).
         guidance_scale: classifier-free guidance s, eps = eps_u + s (eps_c - eps_u) (1: the
             conditional model alone, 0: the unconditional one); default
-            ``sampling.DEFAULT_GUIDANCE_SCALE``.  For s != 1 each step runs the model once on
+            ``samplers.DEFAULT_GUIDANCE_SCALE``.  For s != 1 each step runs the model once on
             2B rows (conditional and null) and the fused step forms the guided eps.
     Returns:
         float32 tensor (n, C, H, W) on the model's device, clamped to [-1, 1].
@@ -269,19 +284,17 @@ def sample(
     )
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, ()).item())
-    batch_size = check_sample_args(n, batch_size, seed, steps, sampler, eta, diffusion.schedule.T)
+    batch_size = check_run_args(n, batch_size, seed, diffusion.schedule.T)
+    spec = sampler_spec(sampler, diffusion.schedule.T, steps=steps, eta=eta, clip_x0=clip_x0,
+                        clip_rule=clip_rule, variance=variance)  # fmt: skip
+    spec = spec.for_model(diffusion.sampling_default)
     labels, guidance = check_guidance_args(diffusion.num_classes, labels, guidance_scale, n)
     strict = cuda_graphs.strict_mode(strict)
-    if variance is None:
-        variance = diffusion.sampling_default("variance", "beta")
-    if clip_x0 is None:
-        clip_x0 = sampler == "ddim" or bool(diffusion.sampling_default("clip_x0", False))
-    elif not isinstance(clip_x0, bool):
-        raise TypeError(f"clip_x0: expected True, False or None, got {clip_x0!r}")
-    ops.check_clip_rule(clip_rule)
     if device is not None:
         diffusion.to(resolve_device(device))
     dev = diffusion.device
+    if latents is not None:
+        check_latents(latents, n, diffusion.image_shape, dev)
     prec = resolve_precision(precision or "auto", dev)
     cl = resolve_channels_last(channels_last, dev, prec)
     net = diffusion.ema_model if use_ema and diffusion.ema_model is not None else diffusion.model
@@ -291,11 +304,9 @@ def sample(
     was_training = net.training
     net.eval()
     try:
-        runner = Sampler(
-            net, diffusion.schedule, precision=prec, channels_last=cl, variance=variance,
-            sampler=sampler, steps=steps, eta=eta, clip_x0=clip_x0, clip_rule=clip_rule,
-            guidance=guidance,
-        )  # fmt: skip
+        runner = SamplerRunner(
+            net, diffusion.schedule, spec, precision=prec, channels_last=cl, guidance=guidance
+        )
         return run_sampler(
             runner,
             n,
@@ -306,7 +317,21 @@ def sample(
             cuda_graph=cuda_graph,
             progress=progress,
             strict=strict,
+            latents=latents,
             labels=labels,
         )
     finally:
         net.train(was_training)
+
+
+def sampler_spec(sampler, T: int, **options) -> SamplerSpec:
+    """``sampler`` if it is a SamplerSpec (then every option must be None), else the validated
+    SamplerSpec of the name and options; checked against a schedule of T steps."""
+    if isinstance(sampler, SamplerSpec):
+        given = sorted(k for k, v in options.items() if v is not None)
+        if given:
+            raise ValueError(
+                f"{given[0]}: leave it unset when sampler is a SamplerSpec (it holds it)"
+            )
+        return sampler.check_T(T)
+    return SamplerSpec.checked(name=sampler, T=T, **options)

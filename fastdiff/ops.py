@@ -5,6 +5,8 @@
     reverse_step  z_{t-1} = (z_t - beta_t / sqrt(1 - alpha_t) pred) / sqrt(1 - beta_t)
                             + sigma_t eps,   no noise where t == 0         (Algorithm 20.2)
     ddim_step     z_{t_prev} from the predicted x0 (Song et al. 2021; torch only so far)
+    dpm_solver_step  z' = A z + B x0 + C (x0 - x0_prev), x0 = P z - Q pred   (DPM-Solver++ 2M;
+                  coefficient rows per step, x0 kept for the next step)
 
 ``t`` holds 0-based step indices ``i = t - 1`` in ``0..T-1``, one per sample (shape (B,)).
 Image-like tensors are (B, ...) -- usually (B, C, H, W) -- in fp32, bf16 or fp16 (fp64 on the
@@ -94,6 +96,12 @@ def _kernels():
     from .kernels import noise_loss, q_sample, reverse_step
 
     return q_sample, noise_loss, reverse_step
+
+
+def _dpm_kernels():
+    from .kernels import dpm_solver
+
+    return dpm_solver
 
 
 # -- validation ------------------------------------------------------------------------------
@@ -424,7 +432,7 @@ def _reverse_step_backward(ctx, grad):
     gz, gp = g * _broadcast(coef_z[t], g), -g * _broadcast(coef_eps[t], g)
     if ctx.clip:
         z, pred, sqrt_recip_ac, sqrt_recipm1_ac, coef_x0 = saved
-        eps = ref.guided_eps(pred, uncond, ctx.scale, torch.float32)
+        eps = ref.guided_eps(pred, uncond, ctx.scale).float()
         rz, re = _broadcast(sqrt_recip_ac[t], g), _broadcast(sqrt_recipm1_ac[t], g)
         x0 = rz * z.float() - re * eps
         # d(clamp(x0) - x0)/d x0 = -1 where clamped: remove coef_x0 * d x0.
@@ -438,6 +446,29 @@ def _reverse_step_backward(ctx, grad):
 
 
 _reverse_step_op.register_autograd(_reverse_step_backward, setup_context=_reverse_step_setup)
+
+
+@torch.library.custom_op("fastdiff::dpm_solver_step", mutates_args=("out", "x0_prev"))
+def _dpm_solver_step_op(
+    out: torch.Tensor,
+    x0_prev: torch.Tensor,
+    z: torch.Tensor,
+    pred: torch.Tensor,
+    step: torch.Tensor,
+    coefs: torch.Tensor,
+    clip_x0: bool,
+    pred_uncond: torch.Tensor | None,
+    guidance_scale: float,
+) -> None:
+    """dpm_solver_step (Triton): z' into ``out`` (may be z), this step's x0 into x0_prev."""
+    _dpm_kernels().dpm_solver_step_triton(
+        z, pred, step, x0_prev, coefs, out, clip_x0, pred_uncond, guidance_scale
+    )
+
+
+@_dpm_solver_step_op.register_fake
+def _(out, x0_prev, z, pred, step, coefs, clip_x0, pred_uncond, guidance_scale):
+    return None
 
 
 @torch.library.custom_op("fastdiff::philox_normal", mutates_args=())
@@ -865,3 +896,85 @@ def group_norm_silu(
     if bias is None:
         bias = torch.zeros(x.shape[1], dtype=weight.dtype, device=x.device)
     return _group_norm_silu_op(x, weight, bias, num_groups, float(eps), silu)[0]
+
+
+def dpm_solver_step(
+    z_t: torch.Tensor,
+    pred: torch.Tensor,
+    step: torch.Tensor,
+    x0_prev: torch.Tensor,
+    coefs: torch.Tensor,
+    *,
+    clip_x0: bool = False,
+    pred_uncond: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    validate: bool = True,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One DPM-Solver++ (2M) step (fastdiff.samplers.dpm_solver), fused:
+
+        eps = pred, or pred_uncond + guidance_scale (pred - pred_uncond) when pred_uncond
+              is given (classifier-free guidance, formed in registers, never stored)
+        x0  = P z_t - Q eps                      (clamped to [-1, 1] with clip_x0)
+        z'  = A z_t + B x0 + C (x0 - x0_prev),   (P, Q, A, B, C) = coefs[step]
+
+    C = 0 makes it a first-order (DDIM-like) step.  x0_prev is read and then overwritten with
+    this step's x0, the next step's history.
+
+    Args:
+        z_t: latents (B, C, H, W), fp32/bf16/fp16 (fp64 on the reference path).
+        pred: the model's eps prediction, shaped like z_t; pred_uncond likewise (or None).
+        step: 1-element int64 tensor on z_t's device: the row of coefs (a CUDA graph reads
+            it from memory at every replay).
+        x0_prev: the previous step's x0 (any value where C = 0), shaped and laid out like
+            z_t, float; overwritten in place.
+        coefs: (N, 5) float32 table of rows (P, Q, A, B, C) on z_t's device
+            (samplers.dpm_solver.dpm_coefficients).
+        validate: check 0 <= step < N (one host read).
+        out: optional tensor like z_t for z' (may be z_t itself).
+    Returns:
+        z', shaped, typed and laid out like z_t.
+    """
+    _check_images("z_t", z_t)
+    _check_like("pred", pred, z_t, "z_t")
+    if pred_uncond is not None:
+        _check_like("pred_uncond", pred_uncond, z_t, "z_t")
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+        raise TypeError(f"guidance_scale: expected a number, got {guidance_scale!r}")
+    _check_like("x0_prev", x0_prev, z_t, "z_t")
+    if out is not None:
+        _check_like("out", out, z_t, "z_t")
+    _check_flag("clip_x0", clip_x0)
+    if not isinstance(coefs, torch.Tensor) or coefs.dim() != 2 or coefs.shape[1] != 5:
+        raise ValueError("coefs: expected a (N, 5) tensor of rows (P, Q, A, B, C)")
+    if coefs.device != z_t.device or not coefs.is_floating_point():
+        raise ValueError(
+            f"coefs: expected a float tensor on {z_t.device}, got {coefs.dtype} on {coefs.device}"
+        )
+    if not isinstance(step, torch.Tensor) or step.numel() != 1 or step.dtype != torch.int64:
+        raise TypeError("step: expected a 1-element int64 tensor (the coefficient row)")
+    if step.device != z_t.device:
+        raise ValueError(f"step: expected device {z_t.device} like z_t, got {step.device}")
+    if validate and not 0 <= int(step.reshape(())) < coefs.shape[0]:
+        raise ValueError(
+            f"step: expected a row in 0..{coefs.shape[0] - 1}, got {int(step.reshape(()))}"
+        )
+    if backend_for(z_t) == "reference":
+        cd = torch.float64 if z_t.dtype == torch.float64 else torch.float32
+        result, x0 = ref.dpm_solver_step_reference(
+            z_t, pred, step, x0_prev, coefs.to(cd), clip_x0, pred_uncond, float(guidance_scale)
+        )
+        x0_prev.copy_(x0)
+        return result if out is None else out.copy_(result)
+    if not (z_t.is_contiguous() or ref.is_channels_last(z_t)):
+        z_t = z_t.contiguous()
+    if x0_prev.stride() != z_t.stride():
+        raise ValueError("x0_prev: expected the memory layout of z_t (it is written in place)")
+    target = out if out is not None and out.stride() == z_t.stride() else _dense_empty_like(z_t)
+    _dpm_solver_step_op(
+        target, x0_prev, z_t, pred, step.reshape(1), coefs.float(), clip_x0, pred_uncond,
+        float(guidance_scale),
+    )  # fmt: skip
+    if out is not None and target is not out:
+        return out.copy_(target)
+    return target

@@ -59,7 +59,7 @@ from .precision import (
     resolve_precision,
 )
 from .profiling import phase
-from .sampling import SAMPLERS
+from .samplers import SamplerSpec
 from .schedule import NoiseSchedule
 from .unet import PRESETS, UNet
 from .validation import require_int
@@ -141,23 +141,20 @@ def _check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"weight_decay: expected >= 0, got {cfg.weight_decay}")
     if cfg.lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule: expected one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}")
-    if cfg.variance not in ops.VARIANCES:
-        raise ValueError(f"variance: expected one of {sorted(ops.VARIANCES)}, got {cfg.variance!r}")
-    _check_grid_sampler(cfg.sample_sampler, cfg.sample_steps)
+    grid_spec(cfg)
 
 
-def _check_grid_sampler(sampler, steps, T: int | None = None) -> None:
-    """The sample grids' sampler, checked before training (sample() would only fail at the end)."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sample_sampler: expected one of {SAMPLERS}, got {sampler!r}")
-    if steps is None:
-        return
-    require_int("sample_steps", steps, 1, T)
-    if sampler == "ddpm" and T is not None and steps != T:
-        raise ValueError(
-            f"sample_steps: the ddpm sampler runs all T={T} steps, got {steps}; use"
-            " sample_sampler='ddim' for fewer"
-        )
+#: How the grid settings of TrainConfig are named in train()'s errors.
+_GRID_NAMES = {"name": "sample_sampler", "steps": "sample_steps"}
+
+
+def grid_spec(cfg: TrainConfig, T: int | None = None) -> SamplerSpec:
+    """The sample grids' SamplerSpec, checked before training (sample() would only fail at
+    the end); with T, sample_steps is checked against the schedule too."""
+    return SamplerSpec.checked(
+        name=cfg.sample_sampler, steps=cfg.sample_steps, variance=cfg.variance, T=T,
+        names=_GRID_NAMES,
+    )  # fmt: skip
 
 
 def model_for_data(
@@ -303,8 +300,10 @@ def train(
         sample_every: steps between sample grids (0: only the final samples.png).
         n_samples: images in each grid.
         variance, sample_sampler, sample_steps: how the grids are sampled: ``"ddpm"``
-            (Algorithm 20.2, all T steps, with ``variance``) or ``"ddim"`` with
-            ``sample_steps`` steps (default 50; x0 clamped, eps re-derived); see sample().
+            (Algorithm 20.2, all T steps, with ``variance``), ``"ddim"`` with
+            ``sample_steps`` steps (default 50; x0 clamped, eps re-derived) or ``"dpm++2m"``
+            (default 20 steps); see sample().
+            They make one SamplerSpec (``grid_spec``).
         num_workers: DataLoader workers when the data streams from host memory.
         image_size: size to resize folder images to.
         on_log: optional callable receiving each metrics record (a dict).
@@ -372,7 +371,7 @@ def train(
         prec = resolve_precision(precision, dev)
         cl = resolve_channels_last(channels_last, dev, prec)
         sched = _schedule(schedule, T).to(dev)
-        _check_grid_sampler(sample_sampler, sample_steps, sched.T)
+        grid_spec(cfg, sched.T)
         num_classes = class_labels = None
         if conditional:
             source, class_labels, num_classes = resolve_labelled_data(
@@ -414,6 +413,7 @@ class _Run:
         self.model, self.schedule, self.cfg = model, schedule, cfg
         self.num_classes = num_classes if cfg.conditional else None
         self.strict = strict
+        self.grid_spec = grid_spec(cfg, schedule.T)
         self.device, self.prec, self.channels_last = device, prec, cl
         self.image_shape = image_shape
         self.dist = dist_info or distributed.DistInfo()
@@ -694,9 +694,7 @@ class _Run:
             # The training layout: sample() may convert a module it samples in place, and the
             # captured training step holds the weights' addresses.
             channels_last=self.channels_last,
-            variance=self.cfg.variance,
-            sampler=self.cfg.sample_sampler,
-            steps=self.cfg.sample_steps,
+            sampler=self.grid_spec,
             strict=self.strict,
         )
         torch.set_rng_state(rng_state)

@@ -168,15 +168,6 @@ def noise_loss_reference(pred, noise, weights=None, reduction="mean"):
     return per_sample.mean() if reduction == "mean" else per_sample
 
 
-def guided_eps(pred, pred_uncond, guidance_scale, cd):
-    """Classifier-free guidance's eps in compute dtype cd: pred_uncond + s (pred - pred_uncond)
-    (pred alone when pred_uncond is None)."""
-    if pred_uncond is None:
-        return pred.to(cd)
-    u = pred_uncond.to(cd)
-    return u + guidance_scale * (pred.to(cd) - u)
-
-
 def reverse_step_reference(
     z, pred, t, coef_z, coef_eps, sigma, noise, clip=None, pred_uncond=None, guidance_scale=1.0
 ):
@@ -197,7 +188,7 @@ def reverse_step_reference(
     cd = _compute_dtype(z)
     sig = torch.where(t == 0, torch.zeros_like(sigma[t]), sigma[t]).to(cd)
     sig = sig.view(-1, *([1] * (z.dim() - 1)))
-    zc, pc = z.to(cd), guided_eps(pred, pred_uncond, guidance_scale, cd)
+    zc, pc = z.to(cd), guided_eps(pred, pred_uncond, guidance_scale).to(cd)
     mu = _per_sample(coef_z, t, z) * zc - _per_sample(coef_eps, t, z) * pc
     if clip is not None:
         sqrt_recip_ac, sqrt_recipm1_ac, coef_x0 = clip
@@ -237,7 +228,7 @@ def ddim_step_reference(
     sigma = eta * torch.sqrt((1 - a_prev) / (1 - a_t)) * torch.sqrt(1 - a_t / a_prev)
     dir_coef = torch.sqrt((1 - a_prev - sigma**2).clamp(min=0))
     shape = (-1, *([1] * (z.dim() - 1)))
-    zc, eps = z.to(cd), guided_eps(pred, pred_uncond, guidance_scale, cd)
+    zc, eps = z.to(cd), guided_eps(pred, pred_uncond, guidance_scale).to(cd)
     x0 = (zc - torch.sqrt(1 - a_t).view(shape) * eps) / torch.sqrt(a_t).view(shape)
     if clip_x0:
         clamped = x0.clamp(-1.0, 1.0)
@@ -261,3 +252,36 @@ def group_norm_silu_reference(x, num_groups, weight, bias, eps=1e-5, silu=True):
     """
     y = torch.nn.functional.group_norm(x, num_groups, weight, bias, eps)
     return torch.nn.functional.silu(y) if silu else y
+
+
+def guided_eps(pred, pred_uncond=None, guidance_scale=1.0):
+    """Classifier-free guidance: pred_uncond + s (pred - pred_uncond), in pred's compute dtype
+    (pred itself when pred_uncond is None)."""
+    cd = _compute_dtype(pred)
+    if pred_uncond is None:
+        return pred.to(cd)
+    uncond = pred_uncond.to(cd)
+    return uncond + guidance_scale * (pred.to(cd) - uncond)
+
+
+def dpm_solver_step_reference(
+    z, pred, step, x0_prev, coefs, clip_x0=False, pred_uncond=None, guidance_scale=1.0
+):
+    """One DPM-Solver++ (2M) step with the coefficient row (P, Q, A, B, C) = coefs[step]:
+
+        eps = pred  (or pred_uncond + s (pred - pred_uncond) with classifier-free guidance)
+        x0  = P z - Q eps                        (clamped to [-1, 1] with clip_x0)
+        z'  = A z + B x0 + C (x0 - x0_prev)
+
+    z, pred, pred_uncond, x0_prev (B, ...); step a 1-element int tensor; coefs (N, 5).
+    Returns (z', x0): z' like z, x0 in x0_prev's dtype and z's layout (the next step's
+    x0_prev).  Indexing coefs with the step tensor reads nothing on the host.
+    """
+    cd = _compute_dtype(z)
+    row = coefs.to(cd)[step.reshape(-1)[0]]
+    p, q, a, b, c = (row[i] for i in range(5))
+    x0 = p * z.to(cd) - q * guided_eps(pred, pred_uncond, guidance_scale)
+    if clip_x0:
+        x0 = x0.clamp(-1.0, 1.0)
+    out = a * z.to(cd) + b * x0 + c * (x0 - x0_prev.to(cd))
+    return _like(out, z), _like(x0, z).to(x0_prev.dtype)

@@ -18,9 +18,9 @@ the conditional prediction and a second input the unconditional one; the eps use
 
 formed in registers, never stored.
 
-One pass reads z_t and pred (and pred_uncond) and writes z_{t-1}.  t and the seed are read from device memory,
-so a CUDA graph that captured this launch gives fresh, reproducible noise at every replay once
-the caller updates those buffers (or increments them inside the graph).
+One pass reads z_t and pred (and pred_uncond) and writes z_{t-1}.  t and the seed are read
+from device memory, so a CUDA graph that captured this launch gives fresh, reproducible noise
+at every replay once the caller updates those buffers (or increments them inside the graph).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ step, captured as one graph.  The UNet's class embedding, the checkpoint round t
 CLI.
 """
 
+import functools
 import math
 
 import pytest
@@ -21,7 +22,7 @@ from fastdiff import Diffusion, NoiseSchedule, UNet
 from fastdiff.cli import main
 from fastdiff.labels import drop_labels
 from fastdiff.precision import resolve_precision
-from fastdiff.sampling import Guidance, Sampler
+from fastdiff.samplers import Guidance, SamplerRunner, SamplerSpec
 
 K = 3
 TINY = dict(preset="tiny", T=20, device="cpu", progress=False, warmup_steps=2,
@@ -136,13 +137,15 @@ class Fixed(nn.Module):
         return (u + self.s * (c.double() - u)).float()
 
 
-def _sample(d, **kw):
-    return fastdiff.sample(d, 4, seed=3, sampler="ddim", steps=4, precision="fp32",
+def _sample(d, sampler="ddim", **kw):
+    return fastdiff.sample(d, 4, seed=3, sampler=sampler, steps=4, precision="fp32",
                            channels_last=False, **kw)  # fmt: skip
 
 
-def test_scale_one_is_the_conditional_model_and_zero_the_unconditional():
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++2m"])
+def test_scale_one_is_the_conditional_model_and_zero_the_unconditional(sampler):
     d = conditional_diffusion()
+    _sample = functools.partial(globals()["_sample"], sampler=sampler)
     y = torch.tensor([0, 1, 2, 1])
     null = torch.full((4,), K)
     plain = lambda net: Diffusion(net, d.schedule, d.image_shape)  # noqa: E731
@@ -168,12 +171,15 @@ class CallCounter(nn.Module):
         return self.model(z, t, y)
 
 
-@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+@pytest.mark.parametrize("kind", ["ddpm", "ddim", "dpm++2m"])
 def test_guided_step_is_one_captured_graph_with_one_2b_model_call(emulated_cuda, kind):
+    """Every sampler: the guided step (one model call on 2B rows, the fused update forming the
+    guided eps) is captured once and replayed; replays equal the eager chain bit for bit."""
     d = conditional_diffusion(T=4)
     counter = CallCounter(d.model)
-    sampler = Sampler(counter, d.schedule, precision=FP32, channels_last=False, sampler=kind,
-                      steps=2 if kind == "ddim" else None, guidance=Guidance(K, 3.0))  # fmt: skip
+    spec = SamplerSpec(kind, None if kind == "ddpm" else 2, clip_x0=False, variance="beta")
+    sampler = SamplerRunner(counter, d.schedule, spec, precision=FP32, channels_last=False,
+                            guidance=Guidance(K, 3.0))  # fmt: skip
     z0 = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     y = torch.tensor([2, 0])
     with torch.inference_mode():
