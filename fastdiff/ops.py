@@ -362,8 +362,8 @@ def _reverse_step_op(
     clip_x0_z: torch.Tensor | None,
     clip_x0_eps: torch.Tensor | None,
     clip_coef_x0: torch.Tensor | None,
-    pred_uncond: torch.Tensor | None,
-    guidance_scale: float,
+    pred_uncond: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
 ) -> torch.Tensor:
     """z_{t-1} (Triton); the three clip tables are all given (x0 clipping) or all None;
     ``pred_uncond`` given: guided eps (see ``reverse_step``)."""
@@ -376,7 +376,7 @@ def _reverse_step_op(
 
 @_reverse_step_op.register_fake
 def _(z, pred, t, coef_z, coef_eps, sigma, noise, seed, clip_x0_z, clip_x0_eps, clip_coef_x0,
-      pred_uncond, guidance_scale):  # fmt: skip
+      pred_uncond=None, guidance_scale=1.0):  # fmt: skip
     return _dense_empty_like(z)
 
 
@@ -394,8 +394,8 @@ def _reverse_step_out_op(
     clip_x0_z: torch.Tensor | None,
     clip_x0_eps: torch.Tensor | None,
     clip_coef_x0: torch.Tensor | None,
-    pred_uncond: torch.Tensor | None,
-    guidance_scale: float,
+    pred_uncond: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
 ) -> None:
     """reverse_step written into ``out`` (which may be z itself: the sampler's static buffer)."""
     clip = None if clip_x0_z is None else (clip_x0_z, clip_x0_eps, clip_coef_x0)
@@ -407,7 +407,7 @@ def _reverse_step_out_op(
 
 @_reverse_step_out_op.register_fake
 def _(out, z, pred, t, coef_z, coef_eps, sigma, noise, seed, clip_x0_z, clip_x0_eps,
-      clip_coef_x0, pred_uncond, guidance_scale):  # fmt: skip
+      clip_coef_x0, pred_uncond=None, guidance_scale=1.0):  # fmt: skip
     return None
 
 
