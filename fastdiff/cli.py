@@ -22,6 +22,8 @@ import numpy as np
 
 from . import distributed
 from .errors import FastDiffError
+from .inception import ENV_PATH, FILE_NAME
+from .metrics import DEFAULT_FID_SAMPLER
 from .precision import PRECISIONS
 from .preemption import TrainingInterrupted
 from .samplers import SAMPLERS, SamplerSpec
@@ -134,6 +136,16 @@ def _add_train(sub) -> None:
         default=None,
         help=f"ddim steps of the grids [{DEFAULT_SAMPLE_STEPS}, or T if smaller]",
     )
+    p.add_argument(
+        "--fid-every",
+        type=int,
+        default=0,
+        help=f"steps between FID/KID of the EMA model in metrics.jsonl (0: off; needs"
+        f" {FILE_NAME}, see fastdiff eval --fid) [0]",
+    )
+    p.add_argument(
+        "--fid-samples", type=int, default=5000, help="samples per FID during training [5000]"
+    )
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers [0]")
     p.add_argument(
         "--no-cuda-graph",
@@ -232,9 +244,11 @@ def _add_sample(sub) -> None:
 def _add_eval(sub) -> None:
     p = sub.add_parser(
         "eval",
-        help="the evidence lower bound of a trained model, in bits per dimension",
+        help="the evidence lower bound in bits per dimension, or --fid / --kid of samples",
         description="Evaluate the DDPM bound (prior + diffusion KL terms + discretized"
-        " Gaussian decoder) on images, in bits/dim. T model calls per batch.",
+        " Gaussian decoder) on images, in bits/dim; T model calls per batch. With --fid: draw"
+        " N samples and print their FID (and with --kid their KID) against --ref on"
+        " Inception-v3 pool features (fastdiff.metrics).",
     )
     p.add_argument(
         "checkpoint",
@@ -244,7 +258,11 @@ def _add_eval(sub) -> None:
         "--data", default="digits", help="built-in name, .npz file or folder of images [digits]"
     )
     p.add_argument(
-        "-n", "--n", type=int, default=256, help="evaluate the first N images (0: all) [256]"
+        "-n",
+        "--n",
+        type=int,
+        default=None,
+        help="bound: the first N images (0: all) [256]; --fid: N samples [50000]",
     )
     p.add_argument("--batch-size", type=int, default=64, help="[64]")
     p.add_argument("--seed", type=int, default=0, help="[0]")
@@ -258,7 +276,72 @@ def _add_eval(sub) -> None:
     p.add_argument("--device", default=None, help="[cuda if available]")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    fid = p.add_argument_group("FID / KID")
+    fid.add_argument("--fid", action="store_true", help="FID of N samples against --ref")
+    fid.add_argument("--kid", action="store_true", help="also KID with its std over subsets")
+    fid.add_argument(
+        "--ref",
+        default=None,
+        help="reference images: digits, a folder or an .npz [the run's training data]",
+    )
+    fid.add_argument(
+        "--sampler",
+        default=None,
+        choices=SAMPLERS,
+        help=f"[{DEFAULT_FID_SAMPLER[0]} with {DEFAULT_FID_SAMPLER[1]} steps, at most T]",
+    )
+    fid.add_argument("--steps", type=int, default=None, help="sampler steps")
+    fid.add_argument(
+        "--inception",
+        default=None,
+        metavar="PATH",
+        help=f"the {FILE_NAME} file [${ENV_PATH}, else the cache, else downloaded]",
+    )
     p.set_defaults(run=_run_eval)
+
+
+def _run_fid(args) -> int:
+    """``fastdiff eval --fid``: the network first (a missing file fails before any work)."""
+    import json
+
+    from .diffusion import load
+    from .inception import load_network
+    from .metrics import default_sampler, evaluate
+    from .precision import resolve_device
+
+    n = 50000 if args.n is None else args.n
+    if n < 2:
+        raise FastDiffError(f"--n: expected at least 2 samples for FID, got {n}")
+    network = load_network(args.inception, device=resolve_device(args.device))
+    diffusion = load(args.checkpoint, device=args.device)
+    ref = args.ref or diffusion.config.get("data")
+    if ref is None:
+        raise FastDiffError("--ref: the run does not record its training data; pass --ref")
+    default = default_sampler(diffusion.schedule.T)
+    sampler = (args.sampler or default[0], args.steps if args.sampler else args.steps or default[1])
+    result = evaluate(
+        diffusion,
+        ref=ref,
+        n=n,
+        sampler=sampler,
+        with_kid=args.kid,
+        network=network,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        use_ema=not args.no_ema,
+        progress=not args.no_progress,
+    )
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    steps = f" {result['steps']} steps" if result["steps"] else ""
+    print(
+        f"FID {result['fid']:.4f} ({result['n']} samples, {result['sampler']}{steps};"
+        f" {result['ref_n']} reference images)"
+    )
+    if args.kid:
+        print(f"KID {result['kid']:.6f} +- {result['kid_std']:.6f}")
+    return 0
 
 
 def _run_eval(args) -> int:
@@ -271,6 +354,9 @@ def _run_eval(args) -> int:
     from .elbo import bits_per_dim
     from .labels import resolve_labelled_data
 
+    if args.fid or args.kid:
+        return _run_fid(args)
+    args.n = 256 if args.n is None else args.n
     if args.n < 0:
         raise FastDiffError(f"--n: expected 0 (all) or a positive count, got {args.n}")
     diffusion = load(args.checkpoint, device=args.device)
@@ -342,6 +428,8 @@ def _run_train(args) -> int:
         n_samples=args.n_samples,
         sample_sampler=args.sample_sampler,
         sample_steps=_grid_steps(args),
+        fid_every=args.fid_every,
+        fid_samples=args.fid_samples,
         num_workers=args.workers,
         progress=not args.no_progress,
         cuda_graph=not args.no_cuda_graph,

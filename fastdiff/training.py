@@ -43,6 +43,7 @@ from .data import make_batches, resolve_data
 from .diffusion import Diffusion, build_model
 from .ema import EMA
 from .errors import CheckpointError, DataError, FastDiffError, OutputError
+from .fid_monitor import FIDMonitor
 from .images import save_image_grid
 from .labels import (
     check_labels,
@@ -103,6 +104,8 @@ class TrainConfig:
     sample_steps: int | None = None
     conditional: bool = False
     class_dropout: float = 0.1
+    fid_every: int = 0
+    fid_samples: int = 5000
     extra: dict = field(default_factory=dict)
 
 
@@ -115,6 +118,8 @@ def _check_config(cfg: TrainConfig) -> None:
         ("checkpoint_every", 0),
         ("sample_every", 0),
         ("n_samples", 1),
+        ("fid_every", 0),
+        ("fid_samples", 2),
     ]:
         require_int(name, getattr(cfg, name), minimum)
     require_int("seed", cfg.seed, 0, 2**31 - 1)
@@ -254,6 +259,8 @@ def train(
     variance: str = "beta",
     sample_sampler: str = "ddpm",
     sample_steps: int | None = None,
+    fid_every: int = 0,
+    fid_samples: int = 5000,
     num_workers: int = 0,
     image_size: int | None = None,
     progress: bool = True,
@@ -304,6 +311,11 @@ def train(
             ``sample_steps`` steps (default 50; x0 clamped, eps re-derived) or ``"dpm++2m"``
             (default 20 steps); see sample().
             They make one SamplerSpec (``grid_spec``).
+        fid_every: steps between FID/KID measurements of the EMA model (0: none), each with
+            ``fid_samples`` images against the first ``fid_samples`` training images; logged
+            to metrics.jsonl, shown on the progress bar, the best FID's step kept in the
+            checkpoints' config (fastdiff.fid_monitor).  The feature network must be at hand
+            (fastdiff.inception) or training does not start.
         num_workers: DataLoader workers when the data streams from host memory.
         image_size: size to resize folder images to.
         on_log: optional callable receiving each metrics record (a dict).
@@ -357,6 +369,8 @@ def train(
         sample_steps=sample_steps,
         conditional=conditional,
         class_dropout=class_dropout,
+        fid_every=fid_every,
+        fid_samples=fid_samples,
     )
     _check_config(cfg)
     if labels is not None and not conditional:
@@ -391,9 +405,12 @@ def train(
             num_classes = _check_model_classes(model, class_labels)
         model.to(dev, memory_format=memory_format(cl)).train()
 
+        fid = FIDMonitor(source, fid_samples, dev) if fid_every and dist_info.is_main else None
         run = _Run(model, sched, source, image_shape, cfg, dev, prec, cl, num_workers, dist_info,
                    cuda_graph=cuda_graph, compile=compile, strict=strict,
                    labels=class_labels, num_classes=num_classes)  # fmt: skip
+        run.fid = fid
+        run.data_name = _data_name(data)
         out = Path(out_dir) if out_dir is not None else None
         if resume:
             run.restore(out)
@@ -519,6 +536,10 @@ class _Run:
 
     #: The checkpoint restore() loaded (None: a fresh run).
     restored_from: Path | None = None
+    #: FID during training (fastdiff.fid_monitor), on the main rank when fid_every > 0.
+    fid: FIDMonitor | None = None
+    #: The data argument when it names files or a built-in set (recorded for ``fastdiff eval``).
+    data_name: str | None = None
 
     def loop(self, out: Path | None, *, progress: bool, on_log, resumed: bool = False) -> Diffusion:
         """Train up to ``cfg.steps``: log, checkpoint (every ``checkpoint_every`` steps, every
@@ -559,6 +580,8 @@ class _Run:
                     if writes and cfg.sample_every and self.step % cfg.sample_every == 0:
                         path = out / "samples" / f"step_{self.step:08d}.png"
                         self._write(self._save_grid, path, what="sample grid")
+                    if self.fid is not None and self.step % cfg.fid_every == 0:
+                        self._measure_fid(bar, metrics, on_log)
                     time_due = (
                         self.dist.is_main
                         and bool(cfg.checkpoint_minutes)
@@ -607,12 +630,31 @@ class _Run:
         """Log the steps since ``window`` = (start time, start step); return the next window."""
         record = self._log_window(window[1], time.perf_counter() - window[0])
         bar.update(self.step - bar.n)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+        bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}",
+                        **self._fid_postfix())  # fmt: skip
         if metrics is not None:
             self._write(metrics.append, record)
         if on_log is not None and self.dist.is_main:
             on_log(record)
         return time.perf_counter(), self.step
+
+    def _fid_postfix(self) -> dict:
+        last = None if self.fid is None else self.fid.last
+        return {} if last is None else {"fid": f"{last:.2f}"}
+
+    def _measure_fid(self, bar, metrics: MetricsLog | None, on_log) -> None:
+        """One FID/KID record of the EMA model (see fastdiff.fid_monitor), logged like the
+        loss records; sampling leaves the training RNG and the model's mode as they were."""
+        rng_state = torch.get_rng_state()
+        record = self.fid.measure(self.diffusion(), self.step, seed=self.cfg.seed,
+                                  channels_last=self.channels_last, strict=self.strict)  # fmt: skip
+        torch.set_rng_state(rng_state)
+        self.model.train()
+        bar.set_postfix(**self._fid_postfix())
+        if metrics is not None:
+            self._write(metrics.append, record)
+        if on_log is not None:
+            on_log(record)
 
     def _write(self, write, *args, what: str | None = None) -> None:
         """Run a rank-0 output write; report its failure as an OutputError (see loop)."""
@@ -675,6 +717,10 @@ class _Run:
         }
         if self.num_classes is not None:
             config["num_classes"] = self.num_classes
+        if self.data_name is not None:
+            config["data"] = self.data_name
+        if self.fid is not None and self.fid.best is not None:
+            config["fid_best"] = self.fid.best
         return Diffusion(
             self.model, self.schedule, self.image_shape, ema_model=self.ema.shadow, config=config
         )
@@ -758,6 +804,8 @@ class _Run:
             ckpt.log_skipped("resuming from", directory, skipped)
         config = ckpt.read_config(directory)
         self._check_compatible(config, directory)
+        if self.fid is not None:
+            self.fid.best = config.get("fid_best")
         build_model(config, self.model, str(directory))
         try:
             self.model.load_state_dict(ckpt.load_weights(directory, ckpt.MODEL, self.device))
@@ -803,6 +851,14 @@ class _Run:
                 f"checkpoint: {str(directory)!r} was trained on images of shape"
                 f" {config.get('image_shape')}, the data has {list(self.image_shape)}"
             )
+
+
+def _data_name(data) -> str | None:
+    """A data argument that names its images (absolute path, or a built-in name), else None."""
+    if not isinstance(data, (str, Path)):
+        return None
+    path = Path(data)
+    return str(path.resolve()) if path.exists() else str(data)
 
 
 def _make_out_dir(out: Path) -> None:

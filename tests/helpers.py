@@ -1,6 +1,8 @@
 """Small helpers shared by the tests (imported as ``from helpers import ...``)."""
 
+import numpy
 import torch
+import torch.nn.functional as F
 
 #: Where the kernel tests run: compiled kernels on CUDA tensors when a GPU is present, else the
 #: Triton interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET then).
@@ -182,3 +184,51 @@ def interpreter_rounds_bf16(monkeypatch) -> None:
         return original(self, src, dst_type)
 
     monkeypatch.setattr(builder, "cast_impl", cast_impl)
+
+
+# -- a stand-in for the FID network (tests/test_metrics.py, tests/test_fid_training.py) -----
+
+
+#: Features of FakeInception (the real network has 2048).
+FAKE_INCEPTION_DIM = 8
+
+
+class FakeInception(torch.nn.Module):
+    """Interface of inception-2015-12-05.pt: uint8 (N, 3, H, W) -> bilinear 8x8, (x - 128)
+    / 128, conv, pool, linear -> (N, FAKE_INCEPTION_DIM) with return_features=True."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1234)
+        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = torch.nn.Linear(6 * 4 * 4, FAKE_INCEPTION_DIM)
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        x = F.interpolate(x.to(torch.float32), size=(8, 8), mode="bilinear", align_corners=False)
+        h = F.avg_pool2d(torch.tanh(self.conv((x - 128) / 128)), 2)
+        features = torch.tanh(self.fc(h.flatten(1)))
+        return features if return_features else features.sum(1)
+
+
+def save_fake_inception(path):
+    """Script FakeInception and save it where inception-2015-12-05.pt would be read from."""
+    torch.jit.script(FakeInception()).save(str(path))
+    return path
+
+
+def own_features(net_file, images):
+    """Features computed here: PNG quantisation, gray -> 3 channels, the scripted network."""
+    u8 = ((torch.as_tensor(images).double() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    with torch.no_grad():
+        f = torch.jit.load(str(net_file))(u8.repeat(1, 3 // u8.shape[1], 1, 1), True)
+    return f.double().numpy()
+
+
+def scipy_fid(fa, fb) -> float:
+    """StyleGAN2-ADA's formula: scipy sqrtm of S1 S2, real part of the trace expression."""
+    import scipy.linalg
+
+    mu_a, mu_b = fa.mean(0), fb.mean(0)
+    sa, sb = numpy.cov(fa, rowvar=False), numpy.cov(fb, rowvar=False)
+    root = scipy.linalg.sqrtm(sa @ sb)
+    return float(numpy.real(((mu_a - mu_b) ** 2).sum() + numpy.trace(sa + sb - 2 * root)))

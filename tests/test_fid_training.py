@@ -1,0 +1,99 @@
+"""FID during training (``fid_every``) and ``fastdiff eval --fid``, with the stand-in network.
+
+The logged FID is recomputed here from the saved EMA weights: fastdiff.sample with the FID
+sampler and seed, features from calling the network here, the first ``fid_samples`` training
+images as the reference, scipy's sqrtm.  Tolerance 1e-6 relative: the run samples through its
+own EMA module and the check through the loaded one, so the float32 samples (and features) may
+differ in the last bits; FID is float64 from there.  The raw weights' FID differs by > 1e-3.
+Runs on the torch reference backend (the kernels are not what is tested; it is faster).
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import own_features, save_fake_inception, scipy_fid
+
+import fastdiff
+from fastdiff import checkpoint as ckpt
+from fastdiff import inception
+from fastdiff.cli import main
+from fastdiff.inception import WeightsUnavailable
+
+N_FID = 6
+# lr and ema_decay large enough for the EMA weights to differ visibly from the raw ones.
+TINY = dict(preset="tiny", T=2, batch_size=4, lr=0.05, warmup_steps=0, ema_decay=0.5,
+            device="cpu", progress=False, log_every=1, n_samples=2, sample_sampler="ddim",
+            sample_steps=2)  # fmt: skip
+
+
+@pytest.fixture
+def env(monkeypatch, tmp_path):
+    net = save_fake_inception(tmp_path / "fake-inception.pt")
+    monkeypatch.setenv("FASTDIFF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(inception.ENV_PATH, str(net))
+    return net
+
+
+@pytest.fixture
+def npz(tmp_path):
+    path = tmp_path / "data.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, images=rng.integers(0, 256, (8, 1, 8, 8), dtype=np.uint8))
+    return path
+
+
+def fid_records(out):
+    return [r for r in map(json.loads, open(out / "metrics.jsonl")) if "fid" in r]
+
+
+def test_fid_every_logs_the_ema_models_fid_and_the_best_step(
+    env, npz, tmp_path, capsys, reference_backend
+):
+    out = tmp_path / "run"
+    fastdiff.train(str(npz), steps=2, fid_every=1, fid_samples=N_FID, out_dir=out, **TINY)
+    records = fid_records(out)
+    assert [r["step"] for r in records] == [1, 2]
+    best = min(records, key=lambda r: r["fid"])
+    assert records[-1]["best_fid"] == best["fid"] and records[-1]["best_fid_step"] == best["step"]
+    saved = ckpt.read_config(out / "checkpoints" / "step_00000002")
+    assert saved["fid_best"] == {"fid": best["fid"], "step": best["step"]}
+
+    # Step 2's FID, recomputed from the saved EMA weights (and not the raw ones).
+    d = fastdiff.load(out)
+    images = np.load(npz)["images"][:N_FID]
+    ref = own_features(env, torch.from_numpy(images).double() / 127.5 - 1)
+
+    def fid_of(use_ema):
+        x = fastdiff.sample(d, N_FID, sampler="ddim", steps=2, seed=0, use_ema=use_ema)
+        return scipy_fid(own_features(env, x), ref)
+
+    ema, raw = fid_of(True), fid_of(False)
+    assert records[-1]["fid"] == pytest.approx(ema, rel=1e-6)
+    assert records[-1]["fid"] != pytest.approx(raw, rel=1e-3)
+
+    # fastdiff eval --fid: the run's data as the reference, the same sampler and seed.
+    args = ["eval", str(out), "--fid", "--kid", "-n", str(N_FID), "--no-progress"]
+    assert main([*args, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["fid"] == pytest.approx(records[-1]["fid"], rel=1e-6)
+    assert result["kid"] == pytest.approx(records[-1]["kid"], rel=1e-6)
+    assert (result["n"], result["ref_n"], result["sampler"], result["steps"]) == (6, 6, "ddim", 2)
+    assert main(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith(f"FID {result['fid']:.4f} (6 samples, ddim 2 steps")
+    assert lines[1].startswith(f"KID {result['kid']:.6f} +- ")
+
+
+def test_fid_settings_are_checked_before_training(monkeypatch, tmp_path):
+    x = torch.zeros(8, 1, 8, 8)
+    for bad in (dict(fid_every=-1), dict(fid_every=1.5), dict(fid_samples=1)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            fastdiff.train(x, steps=1, **bad, **TINY)
+    monkeypatch.setenv("FASTDIFF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv(inception.ENV_PATH, raising=False)
+    monkeypatch.delenv(inception.ENV_SHA256, raising=False)
+    with pytest.raises(WeightsUnavailable, match="FASTDIFF_INCEPTION"):
+        fastdiff.train(x, steps=1, fid_every=1, out_dir=tmp_path / "run", **TINY)
+    assert not (tmp_path / "run").exists()  # nothing started
