@@ -381,3 +381,66 @@ def test_sample(measure_rounds, base_model, case):
     )
     assert images.shape == (case.batch, *case.image_shape)
     assert torch.isfinite(images).all()
+
+
+# -- guided sampling --------------------------------------------------------------------------
+
+#: Classifier-free guidance (a conditional model, 10 classes): the guided step (s = 3: one
+#: model call on 2B rows, the fused step forming eps_u + s (eps_c - eps_u)) against the
+#: unguided one (s = 1: B rows), same model, batch and sampler.  The issue's target: guided
+#: costs at most 2x the unguided time (the model call dominates both).
+GUIDANCE_CASES = [
+    (case, scale)
+    for case in (
+        _cpu("fastdiff_eager", "fp32", False, 3, 1),
+        _cuda("fastdiff_graph", "bf16", True, 10, 2),
+        _cuda("fastdiff_graph", "bf16", True, 10, 2, preset="digits", batch=64),
+    )
+    for scale in (1.0, 3.0)
+]
+
+
+@pytest.mark.parametrize(
+    "case, scale",
+    [
+        pytest.param(c, s, id=f"{c.id}-s{s:g}", marks=_params([c])[0].marks)
+        for c, s in GUIDANCE_CASES
+    ],
+)
+def test_guided_sample(measure_rounds, case, scale):
+    from fastdiff.samplers import Guidance, SamplerRunner, SamplerSpec
+
+    _check_supported(case)
+    dev = torch.device(case.device)
+    prec = resolve_precision(case.precision, dev)
+    schedule = NoiseSchedule.linear(SAMPLE_T).to(dev)
+    torch.manual_seed(SEED)
+    model = model_for_data(case.image_shape, case.preset, num_classes=10)
+    model.to(dev, memory_format=memory_format(case.channels_last)).eval().requires_grad_(False)
+    spec = SamplerSpec("ddpm", clip_x0=False, variance="beta")
+    guidance = Guidance(10, scale)
+    sampler = SamplerRunner(model, schedule, spec, precision=prec,
+                            channels_last=case.channels_last, guidance=guidance)  # fmt: skip
+    labels = torch.arange(case.batch, device=dev) % 10
+    graph = case.impl == "fastdiff_graph"
+
+    def fn():
+        return run_sampler(sampler, case.batch, case.image_shape, dev, seed=SEED,
+                           batch_size=case.batch, cuda_graph=graph, labels=labels)  # fmt: skip
+
+    images = measure_rounds(
+        fn,
+        group=case.group(f"guided sample T={SAMPLE_T}"),
+        side=f"{case.id.split(f'b{case.batch}-', 1)[1]}-s{scale:g}",
+        device=case.device,
+        rounds=case.rounds,
+        warmup_rounds=case.warmup_rounds,
+        derive=lambda median: {"s_per_step": median / SAMPLE_T},
+        attrs={**case.attrs(), "guidance": "batched 2B" if scale != 1.0 else "off (s = 1)"},
+        what="sample",
+        steps=SAMPLE_T,
+        guidance_scale=scale,
+        **case.info(prec),
+    )
+    assert images.shape == (case.batch, *case.image_shape)
+    assert torch.isfinite(images).all()

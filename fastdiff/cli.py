@@ -153,6 +153,18 @@ def _add_train(sub) -> None:
         help="CUDA: run the eager training step instead of replaying it as a CUDA graph",
     )
     p.add_argument("--compile", action="store_true", help="run the model through torch.compile")
+    p.add_argument(
+        "--conditional",
+        action="store_true",
+        help="class-conditional model for classifier-free guidance, on the data's labels"
+        " (digits, an .npz 'labels' array, or a folder's class subfolders)",
+    )
+    p.add_argument(
+        "--class-dropout",
+        type=float,
+        default=0.1,
+        help="with --conditional: probability of training a label as the null class [0.1]",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_train)
 
@@ -206,6 +218,20 @@ def _add_sample(sub) -> None:
         help="ddpm variance [beta, or what a diffusers scheduler config says]",
     )
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
+    p.add_argument(
+        "--label",
+        action="append",
+        default=None,
+        help="conditional model: the class to generate (repeatable: one grid row per label;"
+        " 'all': one row per class; -n images split between the rows) [the null class]",
+    )
+    p.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance s: eps_u + s (eps_c - eps_u); 1 = conditional model"
+        " alone [sampling.DEFAULT_GUIDANCE_SCALE]",
+    )
     p.add_argument("--no-cuda-graph", action="store_true", help="eager sampling on CUDA")
     p.add_argument(
         "--precision", default=None, choices=PRECISIONS, help="[auto for the sampling device]"
@@ -326,6 +352,7 @@ def _run_eval(args) -> int:
     from .data import resolve_data
     from .diffusion import load
     from .elbo import bits_per_dim
+    from .labels import resolve_labelled_data
 
     if args.fid or args.kid:
         return _run_fid(args)
@@ -333,12 +360,17 @@ def _run_eval(args) -> int:
     if args.n < 0:
         raise FastDiffError(f"--n: expected 0 (all) or a positive count, got {args.n}")
     diffusion = load(args.checkpoint, device=args.device)
-    images = resolve_data(
-        args.data, image_size=diffusion.image_shape[1], channels=diffusion.image_shape[0]
-    )
+    labels = None
+    if diffusion.num_classes is not None:  # conditional: the data's labels, log p(x | y)
+        images, labels, _ = resolve_labelled_data(args.data, image_size=diffusion.image_shape[1])
+    else:
+        images = resolve_data(
+            args.data, image_size=diffusion.image_shape[1], channels=diffusion.image_shape[0]
+        )
     if not isinstance(images, torch.Tensor):
         raise FastDiffError("--data: eval needs an image tensor source (.npz, folder, built-in)")
     images = images[: args.n] if args.n else images
+    labels = labels[: args.n] if labels is not None and args.n else labels
     result = bits_per_dim(
         diffusion,
         images,
@@ -347,6 +379,7 @@ def _run_eval(args) -> int:
         use_ema=not args.no_ema,
         variance=args.variance or diffusion.sampling_default("variance", "beta"),
         progress=not args.no_progress,
+        labels=labels,
     )
     if args.json:
         print(json.dumps(result))
@@ -355,6 +388,12 @@ def _run_eval(args) -> int:
             f"{result['bits_per_dim']:.4f} bits/dim on {result['images']} images"
             f" (prior {result['prior']:.4f}, diffusion {result['diffusion']:.4f},"
             f" decoder {result['decoder']:.4f})"
+            + (
+                f"; conditional on the data's labels (-log p(x | y), {diffusion.num_classes}"
+                " classes)"
+                if result["conditional"]
+                else ""
+            )
         )
     return 0
 
@@ -395,6 +434,8 @@ def _run_train(args) -> int:
         progress=not args.no_progress,
         cuda_graph=not args.no_cuda_graph,
         compile=args.compile,
+        conditional=args.conditional,
+        class_dropout=args.class_dropout,
     )
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes
         print(f"wrote {out / 'samples.png'}, {out / 'metrics.jsonl'} and {out / 'checkpoints'}/")
@@ -426,9 +467,12 @@ def _run_sample(args) -> int:
         names={"name": "--sampler", "steps": "--steps", "eta": "--eta"},
     )
     diffusion = load(args.checkpoint, device=args.device)
+    n, labels, nrow = _label_rows(args.label, args.n, diffusion.num_classes)
     images = sample(
         diffusion,
-        args.n,
+        n,
+        labels=labels,
+        guidance_scale=args.guidance_scale,
         seed=args.seed,
         batch_size=args.batch_size,
         sampler=spec,
@@ -441,9 +485,33 @@ def _run_sample(args) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(out, images=to_uint8(images).cpu().numpy())
     else:
-        save_image_grid(images, out, scale=max(1, 64 // max(diffusion.image_shape[1:])))
-    print(f"wrote {args.n} images to {out}")
+        save_image_grid(images, out, nrow, scale=max(1, 64 // max(diffusion.image_shape[1:])))
+    print(f"wrote {n} images to {out}")
     return 0
+
+
+def _label_rows(given: list[str] | None, n: int, num_classes: int | None):
+    """(image count, labels or None, images per grid row) for --label: one row per label
+    (``all``: per class), n // rows images each (at least 1); no --label: n null-class or
+    unconditional images."""
+    if not given:
+        return n, None, None
+    if num_classes is None:
+        raise FastDiffError("--label: this model is unconditional (trained without --conditional)")
+    if given == ["all"]:
+        rows = list(range(num_classes))
+    else:
+        try:
+            rows = [int(v) for v in given]
+        except ValueError:
+            raise FastDiffError(
+                f"--label: expected class numbers 0..{num_classes - 1} or 'all', got {given}"
+            ) from None
+    if n < 1:
+        raise FastDiffError(f"--n: expected a positive count, got {n}")
+    per = max(1, n // len(rows))
+    labels = [label for label in rows for _ in range(per)]
+    return len(labels), labels, per
 
 
 def _add_export(sub) -> None:

@@ -60,14 +60,51 @@ def load_builtin(name: str = "digits") -> torch.Tensor:
     to 16x16, white on black: shape (1797, 1, 16, 16).  Works offline, from editable and
     normal installs (read with :mod:`importlib.resources`).
     """
+    return _read_builtin(name)[0]
+
+
+#: Classes of the built-in data sets (their labels are 0..K-1).
+BUILTIN_NUM_CLASSES = {"digits": 10}
+
+
+def _read_builtin(name: str) -> tuple[torch.Tensor, np.ndarray]:
     if name not in _BUILTIN_FILES:
         raise DataError(
             f"data: unknown built-in data set {name!r}; known: {', '.join(BUILTIN_DATASETS)}"
         )
     resource = importlib.resources.files("fastdiff.assets").joinpath(_BUILTIN_FILES[name])
     with resource.open("rb") as f, np.load(f) as npz:
-        images = npz["images"]
-    return to_model_range(images, name=f"built-in {name!r}")
+        images, labels = npz["images"], npz["labels"]
+    return to_model_range(images, name=f"built-in {name!r}"), labels
+
+
+def load_labelled_path(data, *, image_size: int | None = None):
+    """(images, labels, num_classes or None) from a path or built-in name: the built-in
+    data set's labels, an .npz's ``labels`` array, or an image folder's class subfolders
+    (fastdiff.labels); a DataError naming the path when it has none."""
+    from .labels import folder_labels
+
+    path = Path(data)
+    if not path.exists() and isinstance(data, str) and data in BUILTIN_DATASETS:
+        images, labels = _read_builtin(data)
+        return images, labels, BUILTIN_NUM_CLASSES[data]
+    images = _load_path(data, image_size=image_size, channels=None)
+    if path.is_dir():
+        found = folder_labels(list_image_files(path), path)
+        if found is None:
+            raise DataError(
+                f"data: folder {str(path)!r} has no class subfolders (images directly in it);"
+                " a conditional run needs one subfolder per class"
+            )
+        return images, found[0], len(found[1])
+    if path.suffix.lower() == ".npz":
+        with np.load(path, allow_pickle=False) as npz:
+            if "labels" in npz.files:
+                return images, npz["labels"], None
+    raise DataError(
+        f"data: {str(path)!r} holds no labels; a conditional run needs an .npz with a"
+        " 'labels' array, a folder with one subfolder per class, or arrays with labels=..."
+    )
 
 
 def resolve_data(
@@ -238,7 +275,9 @@ def _item_image(item) -> torch.Tensor:
 class Batches(abc.ABC):
     """Infinite source of training batches (B, C, H, W) float32 in [-1, 1] on ``device``.
 
-    ``next_batch()`` (or ``next(batches)``) returns the next batch; ``state_dict()`` and
+    ``next_batch()`` (or ``next(batches)``) returns the next batch, ``next_labelled()`` the
+    next batch and its class labels (B,) int64 on ``device`` (None for unlabelled data);
+    ``state_dict()`` and
     ``load_state_dict()`` save and restore the position so a resumed run sees exactly the
     batches the uninterrupted run would have seen.
     """
@@ -248,9 +287,13 @@ class Batches(abc.ABC):
     num_images: int
     image_shape: tuple[int, int, int]
 
-    @abc.abstractmethod
     def next_batch(self) -> torch.Tensor:
         """The next (batch_size, C, H, W) batch."""
+        return self.next_labelled()[0]
+
+    @abc.abstractmethod
+    def next_labelled(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The next batch and its labels (batch_size,) int64 (None: unlabelled data)."""
 
     @abc.abstractmethod
     def state_dict(self) -> dict:
@@ -292,9 +335,10 @@ class InMemoryBatches(Batches):
     (and the epoch serves one batch).
 
     ``data`` may be float in [-1, 1] or uint8; it is stored as float32, contiguous.
+    ``labels`` (N,) int64, if given, are stored on the device beside it.
     """
 
-    def __init__(self, data: torch.Tensor, batch_size: int, device, *, seed: int = 0):
+    def __init__(self, data: torch.Tensor, batch_size: int, device, *, seed: int = 0, labels=None):
         _check_batch_size(batch_size)
         self.device = torch.device(device)
         self.data = to_model_range(data.to(self.device), name="data").contiguous()
@@ -303,6 +347,7 @@ class InMemoryBatches(Batches):
         self.batch_size = batch_size
         self.num_images = self.data.shape[0]
         self.image_shape = tuple(self.data.shape[1:])
+        self.labels = None if labels is None else labels.to(self.device, torch.int64)
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self._perm: torch.Tensor | None = None  # on device
@@ -313,10 +358,12 @@ class InMemoryBatches(Batches):
         self._perm = perm.to(self.device, non_blocking=True)
         self._pos = 0
 
-    def next_batch(self) -> torch.Tensor:
-        """The next (batch_size, C, H, W) float32 batch on the device."""
+    def next_labelled(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The next (batch_size, C, H, W) float32 batch on the device and its labels."""
         perm, start = self.next_indices()
-        return self.data.index_select(0, perm[start : start + self.batch_size])
+        index = perm[start : start + self.batch_size]
+        labels = None if self.labels is None else self.labels.index_select(0, index)
+        return self.data.index_select(0, index), labels
 
     def next_indices(self) -> tuple[torch.Tensor, int]:
         """Advance by one batch without gathering it: the epoch's permutation (on the device)
@@ -373,23 +420,26 @@ class _EpochSampler(Sampler[int]):
 
 
 class _TensorImages(Dataset):
-    """A CPU tensor as a Dataset; ``__getitems__`` gathers a whole batch in one op."""
+    """A CPU tensor (and its labels) as a Dataset; ``__getitems__`` gathers a whole batch in
+    one op: the images, or the tuple (images, labels)."""
 
-    def __init__(self, images: torch.Tensor):
-        self.images = images
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None):
+        self.images, self.labels = images, labels
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def __getitem__(self, i):
-        return self.images[i]
+        return self.images[i] if self.labels is None else (self.images[i], self.labels[i])
 
     def __getitems__(self, indices):
-        return self.images.index_select(0, torch.as_tensor(indices, dtype=torch.int64))
+        index = torch.as_tensor(indices, dtype=torch.int64)
+        images = self.images.index_select(0, index)
+        return images if self.labels is None else (images, self.labels.index_select(0, index))
 
 
 def _collate_tensor_batch(batch):
-    return batch if isinstance(batch, torch.Tensor) else default_collate(batch)
+    return batch if isinstance(batch, (torch.Tensor, tuple)) else default_collate(batch)
 
 
 class StreamingBatches(Batches):
@@ -414,11 +464,12 @@ class StreamingBatches(Batches):
         seed: int = 0,
         num_workers: int = 0,
         pin_memory: bool | None = None,
+        labels: torch.Tensor | None = None,
     ):
         _check_batch_size(batch_size)
         self.device = torch.device(device)
         if isinstance(data, torch.Tensor):
-            data = _TensorImages(data.detach().cpu())
+            data = _TensorImages(data.detach().cpu(), None if labels is None else labels.cpu())
             collate = _collate_tensor_batch
         else:
             _check_dataset(data, image_size=None, channels=None)
@@ -446,8 +497,9 @@ class StreamingBatches(Batches):
         )
         self._iterator = None
 
-    def next_batch(self) -> torch.Tensor:
-        """The next (batch_size, C, H, W) float32 batch on the device."""
+    def next_labelled(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The next (batch_size, C, H, W) float32 batch on the device, and its labels when
+        the items are (image, label, ...) tuples."""
         while True:
             if self._iterator is None:
                 self.sampler.set_epoch(self.epoch, self.consumed * self.batch_size)
@@ -460,10 +512,13 @@ class StreamingBatches(Batches):
                 self.epoch += 1
                 self.consumed = 0
         self.consumed += 1
+        labels = None
+        if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+            labels = torch.as_tensor(batch[1]).to(self.device, torch.int64, non_blocking=True)
         images = _item_image(batch).to(self.device, non_blocking=True)
         if images.dtype == torch.uint8:
-            return images.to(torch.float32).div_(127.5).sub_(1.0)
-        return images.to(torch.float32)
+            return images.to(torch.float32).div_(127.5).sub_(1.0), labels
+        return images.to(torch.float32), labels
 
     def state_dict(self) -> dict:
         """Seed, epoch and the number of batches consumed in that epoch."""
@@ -493,8 +548,10 @@ def make_batches(
     seed: int = 0,
     num_workers: int = 0,
     max_device_bytes: int | None = None,
+    labels: torch.Tensor | None = None,
 ) -> Batches:
-    """Pick a batch source for ``data`` (anything :func:`resolve_data` accepts).
+    """Pick a batch source for ``data`` (anything :func:`resolve_data` accepts), with
+    ``labels`` (N,) for tensor data (fastdiff.labels; a Dataset yields its own).
 
     A tensor whose float32 size is at most ``max_device_bytes`` -- by default 25% of the free
     memory on a CUDA device (``torch.cuda.mem_get_info``), unlimited on other devices -- gets
@@ -510,8 +567,10 @@ def make_batches(
     if limit is None:
         limit = torch.cuda.mem_get_info(device)[0] // 4 if device.type == "cuda" else math.inf
     if data.numel() * 4 <= limit:
-        return InMemoryBatches(data, batch_size, device, seed=seed)
-    return StreamingBatches(data, batch_size, device, seed=seed, num_workers=num_workers)
+        return InMemoryBatches(data, batch_size, device, seed=seed, labels=labels)
+    return StreamingBatches(
+        data, batch_size, device, seed=seed, num_workers=num_workers, labels=labels
+    )
 
 
 def _epoch_length(num_images: int, batch_size: int) -> int:

@@ -22,8 +22,11 @@ Conventions (diffusers' name = fastdiff's UNet option): ``norm_eps`` = ``norm_ep
 ``downsample_padding`` = ``downsample_padding``, ``flip_sin_to_cos`` / ``freq_shift`` =
 the same names; ``layers_per_block`` = ``num_res_blocks``; ``block_out_channels[i]`` =
 ``base_channels * channel_mult[i]``; an ``AttnDownBlock2D`` at level i = attention at
-resolution ``image_size / 2**i``; ``attention_head_dim`` None = one head.  Step indices are
-0-based on both sides (diffusers' ``timesteps`` are fastdiff's ``t``).
+resolution ``image_size / 2**i``; ``attention_head_dim`` None = one head;
+``num_class_embeds`` = ``num_classes + 1`` (a class-conditional UNet: its
+``class_embedding`` rows are fastdiff's ``class_embed`` rows, the last one the null class of
+classifier-free guidance; a diffusers model with K embeddings loads as ``num_classes=K-1``).
+Step indices are 0-based on both sides (diffusers' ``timesteps`` are fastdiff's ``t``).
 """
 
 from __future__ import annotations
@@ -166,11 +169,16 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
         resnet_time_scale_shift="default",
         add_attention=True,
         class_embed_type=None,
-        num_class_embeds=None,
     )
     for key, want in required.items():
         if cfg[key] != want:
             raise NotExpressible(f"{key}={cfg[key]!r} (fastdiff's UNet has {want!r})")
+    embeds = cfg["num_class_embeds"]
+    if embeds is not None and (not isinstance(embeds, int) or embeds < 2):
+        raise NotExpressible(
+            f"num_class_embeds={embeds!r} (fastdiff's UNet has at least one class and the null"
+            " class)"
+        )
     if cfg["time_embedding_dim"] not in (None, 4 * base):
         raise NotExpressible(
             f"time_embedding_dim={cfg['time_embedding_dim']!r} (fastdiff's UNet has"
@@ -227,6 +235,7 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
         downsample_padding=cfg["downsample_padding"],
         flip_sin_to_cos=cfg["flip_sin_to_cos"],
         freq_shift=cfg["freq_shift"],
+        num_classes=None if embeds is None else embeds - 1,
     )
     if out["downsample_padding"] not in (0, 1) or out["freq_shift"] not in (0, 1):
         raise NotExpressible(
@@ -278,6 +287,7 @@ def unet_config_to_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
         "attention_head_dim": head_dim,
         "norm_num_groups": cfg["num_groups"],
         "norm_eps": cfg["norm_eps"],
+        "num_class_embeds": None if cfg["num_classes"] is None else cfg["num_classes"] + 1,
     }
 
 
@@ -299,7 +309,8 @@ _QKV_LEGACY = ("query", "key", "value")
 def _module_pairs(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     """(fastdiff prefix, diffusers prefix, kind) for every module with weights, in model order.
 
-    kind: "plain" (same parameter names), "res" (ResBlock), "attn" (AttnBlock).
+    kind: "plain" (same parameter names), "res" (ResBlock), "attn" (AttnBlock), "embed"
+    (an Embedding: weight only).
     """
     mult, n = config["channel_mult"], config["num_res_blocks"]
     levels = len(mult)
@@ -310,6 +321,8 @@ def _module_pairs(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
         ("time_embed.0", "time_embedding.linear_1", "plain"),
         ("time_embed.2", "time_embedding.linear_2", "plain"),
     ]
+    if config.get("num_classes") is not None:
+        pairs.append(("class_embed", "class_embedding", "embed"))
     for level in range(levels):
         for j in range(n):
             pairs.append((f"down.{level}.blocks.{j}", f"down_blocks.{level}.resnets.{j}", "res"))
@@ -379,6 +392,9 @@ def _renamed_keys(f: str, d: str, kind: str, has_skip: bool):
     """(fastdiff key, diffusers key) of every tensor that moves unchanged between the two
     layouts in module pair (f, d) of ``_module_pairs``; an attention block's q/k/v and output
     projection change shape and are converted by the callers."""
+    if kind == "embed":
+        yield f"{f}.weight", f"{d}.weight"
+        return
     if kind == "plain":
         subs = [("", "")]
     elif kind == "res":

@@ -188,11 +188,20 @@ class DiffusersUNet(nn.Module):
         diffusers = _import_diffusers("the checkpoint holds a wrapped diffusers UNet2DModel")
         return cls(diffusers.UNet2DModel.from_config(config))
 
-    def forward(self, z: torch.Tensor, t) -> torch.Tensor:
+    @property
+    def num_classes(self) -> int | None:
+        """A class-conditional UNet2DModel's classes: num_class_embeds - 1 (the last
+        embedding is taken as the null class, fastdiff's export convention)."""
+        embeds = self.config.get("num_class_embeds")
+        return None if embeds is None else embeds - 1
+
+    def forward(self, z: torch.Tensor, t, y: torch.Tensor | None = None) -> torch.Tensor:
         t = torch.as_tensor(t, device=z.device)
         if t.dim() == 0:
             t = t.expand(z.shape[0])
-        return self.unet(z, t, return_dict=False)[0]
+        if y is None and self.num_classes is not None:
+            y = torch.full((z.shape[0],), self.num_classes, device=z.device)
+        return self.unet(z, t, class_labels=y, return_dict=False)[0]
 
 
 def load_diffusers(path: str | Path, *, scheduler: str | Path | None = None, device=None):

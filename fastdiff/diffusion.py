@@ -15,9 +15,17 @@ from torch import nn
 from . import checkpoint as ckpt
 from . import cuda_graphs
 from .errors import CheckpointError
+from .labels import model_num_classes
 from .low_precision import sampling_model
 from .precision import resolve_channels_last, resolve_device, resolve_precision
-from .samplers import SamplerRunner, SamplerSpec, check_latents, check_run_args, run_sampler
+from .samplers import (
+    SamplerRunner,
+    SamplerSpec,
+    check_guidance_args,
+    check_latents,
+    check_run_args,
+    run_sampler,
+)
 from .schedule import NoiseSchedule
 from .unet import UNet
 
@@ -54,6 +62,12 @@ class Diffusion:
     def device(self) -> torch.device:
         p = next(self.model.parameters(), None)
         return p.device if p is not None else torch.device("cpu")
+
+    @property
+    def num_classes(self) -> int | None:
+        """The classes of a class-conditional model (labels 0..K-1; K is its null class),
+        None for an unconditional one (fastdiff.labels.model_num_classes)."""
+        return model_num_classes(self.model)
 
     def to(self, device) -> Diffusion:
         device = torch.device(device)
@@ -209,6 +223,8 @@ def sample(
     progress: bool = False,
     strict: bool | None = None,
     latents: torch.Tensor | None = None,
+    labels=None,
+    guidance_scale: float | None = None,
 ) -> torch.Tensor:
     """Draw n images with Algorithm 20.2 (the fused reverse step), (n, C, H, W) in [-1, 1].
 
@@ -252,6 +268,12 @@ def sample(
         progress: show a tqdm progress bar.
         latents: start from these z_T (n, C, H, W), a floating tensor on the sampling device
             (diffusers' ``latents=``), instead of noise drawn from ``seed``; any sampler.
+        labels: a class-conditional model's class for every image: an int, or n ints in
+            0..num_classes-1; None: the null class (the unconditional model).
+        guidance_scale: classifier-free guidance s, eps = eps_u + s (eps_c - eps_u) (1: the
+            conditional model alone, 0: the unconditional one); default
+            ``samplers.DEFAULT_GUIDANCE_SCALE``.  For s != 1 each step runs the model once on
+            2B rows (conditional and null) and the fused step forms the guided eps.
     Returns:
         float32 tensor (n, C, H, W) on the model's device, clamped to [-1, 1].
     """
@@ -266,6 +288,7 @@ def sample(
     spec = sampler_spec(sampler, diffusion.schedule.T, steps=steps, eta=eta, clip_x0=clip_x0,
                         clip_rule=clip_rule, variance=variance)  # fmt: skip
     spec = spec.for_model(diffusion.sampling_default)
+    labels, guidance = check_guidance_args(diffusion.num_classes, labels, guidance_scale, n)
     strict = cuda_graphs.strict_mode(strict)
     if device is not None:
         diffusion.to(resolve_device(device))
@@ -281,7 +304,9 @@ def sample(
     was_training = net.training
     net.eval()
     try:
-        runner = SamplerRunner(net, diffusion.schedule, spec, precision=prec, channels_last=cl)
+        runner = SamplerRunner(
+            net, diffusion.schedule, spec, precision=prec, channels_last=cl, guidance=guidance
+        )
         return run_sampler(
             runner,
             n,
@@ -293,6 +318,7 @@ def sample(
             progress=progress,
             strict=strict,
             latents=latents,
+            labels=labels,
         )
     finally:
         net.train(was_training)

@@ -25,6 +25,7 @@ import torch
 
 from . import ops
 from .diffusion import Diffusion
+from .labels import check_labels
 from .precision import memory_format, resolve_channels_last, resolve_precision
 from .progress import progress_bar
 from .schedule import NoiseSchedule
@@ -58,12 +59,14 @@ def prior_kl(x: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
 @torch.inference_mode()
 def elbo_terms(model, schedule: NoiseSchedule, x: torch.Tensor, *, seed: int,
                variance: str = "beta", precision=None, channels_last=False,
-               on_step=None) -> dict:  # fmt: skip
+               on_step=None, labels: torch.Tensor | None = None) -> dict:  # fmt: skip
     """The bound's terms for a batch x (B, C, H, W) in [-1, 1], each (B,) nats, float64.
 
     Returns {"prior": (B,), "diffusion": (B,) sum over i = 1..T-1, "decoder": (B,) -log p}.
     Uses one model call per step index (T calls); z_i is drawn with noise seed ``seed + i``.
     ``on_step()``, if given, is called after each of the T steps (progress bars).
+    ``labels`` (B,): a class-conditional model is called as model(z, t, labels), which makes
+    the bound one on the conditional likelihood log p(x | y).
     """
     if variance not in ops.VARIANCES:
         raise ValueError(f"variance: expected one of {sorted(ops.VARIANCES)}, got {variance!r}")
@@ -82,7 +85,7 @@ def elbo_terms(model, schedule: NoiseSchedule, x: torch.Tensor, *, seed: int,
         t = torch.full((B,), i, dtype=torch.long, device=device)
         z = ops.q_sample(x_in, t, schedule, seed=seed + i, validate=False)
         with precision.autocast(device):
-            pred = model(z, t)
+            pred = model(z, t) if labels is None else model(z, t, labels)
         if on_step is not None:
             on_step()
         z64, pred64 = z.double(), pred.double()
@@ -100,10 +103,14 @@ def elbo_terms(model, schedule: NoiseSchedule, x: torch.Tensor, *, seed: int,
 
 def bits_per_dim(diffusion: Diffusion, images: torch.Tensor, *, batch_size: int = 64,
                  seed: int = 0, use_ema: bool = True, variance: str = "beta",
-                 progress: bool = False) -> dict:  # fmt: skip
+                 progress: bool = False, labels=None) -> dict:  # fmt: skip
     """The bound in bits/dim averaged over ``images`` (N, C, H, W) in [-1, 1].
 
-    Returns {"bits_per_dim", "prior", "diffusion", "decoder"} (each in bits/dim) and "images".
+    ``labels`` (N,) ints in 0..num_classes-1: for a class-conditional model, the bound on
+    the conditional likelihood -log p(x | y) (None: the null class, log p(x)); an error for
+    an unconditional one.
+    Returns {"bits_per_dim", "prior", "diffusion", "decoder"} (each in bits/dim), "images"
+    and "conditional" (whether labels were used).
     """
     if images.dim() != 4 or tuple(images.shape[1:]) != diffusion.image_shape:
         raise ValueError(
@@ -111,6 +118,10 @@ def bits_per_dim(diffusion: Diffusion, images: torch.Tensor, *, batch_size: int 
             f" got {tuple(images.shape)}"
         )
     require_int("batch_size", batch_size)
+    if labels is not None:
+        if diffusion.num_classes is None:
+            raise ValueError("labels: this model is unconditional (no num_classes); omit labels")
+        labels = check_labels(labels, images.shape[0], diffusion.num_classes)
     net = diffusion.ema_model if use_ema and diffusion.ema_model is not None else diffusion.model
     device = diffusion.device
     prec = resolve_precision("auto", device)
@@ -124,9 +135,10 @@ def bits_per_dim(diffusion: Diffusion, images: torch.Tensor, *, batch_size: int 
     try:
         for start in batches:
             x = images[start : start + batch_size].to(device)
+            y = None if labels is None else labels[start : start + batch_size].to(device)
             terms = elbo_terms(net, diffusion.schedule, x, seed=seed + start * diffusion.schedule.T,
                                variance=variance, precision=prec, channels_last=cl,
-                               on_step=bar.update)  # fmt: skip
+                               on_step=bar.update, labels=y)  # fmt: skip
             for k in totals:
                 totals[k] += float(terms[k].sum())
     finally:
@@ -136,4 +148,5 @@ def bits_per_dim(diffusion: Diffusion, images: torch.Tensor, *, batch_size: int 
     result = {k: v / dims for k, v in totals.items()}
     result["bits_per_dim"] = sum(result.values())
     result["images"] = images.shape[0]
+    result["conditional"] = labels is not None
     return result

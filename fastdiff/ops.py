@@ -36,6 +36,7 @@ ops with their defaults traces with ``fullgraph=True``.  ``validate=False`` skip
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -361,16 +362,21 @@ def _reverse_step_op(
     clip_x0_z: torch.Tensor | None,
     clip_x0_eps: torch.Tensor | None,
     clip_coef_x0: torch.Tensor | None,
+    pred_uncond: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
 ) -> torch.Tensor:
-    """z_{t-1} (Triton); the three clip tables are all given (x0 clipping) or all None."""
+    """z_{t-1} (Triton); the three clip tables are all given (x0 clipping) or all None;
+    ``pred_uncond`` given: guided eps (see ``reverse_step``)."""
     clip = None if clip_x0_z is None else (clip_x0_z, clip_x0_eps, clip_coef_x0)
     return _kernels()[2].reverse_step_triton(
-        z, pred, t, coef_z, coef_eps, sigma, noise, seed, clip=clip
-    )
+        z, pred, t, coef_z, coef_eps, sigma, noise, seed, clip=clip, pred_uncond=pred_uncond,
+        guidance_scale=guidance_scale,
+    )  # fmt: skip
 
 
 @_reverse_step_op.register_fake
-def _(z, pred, t, coef_z, coef_eps, sigma, noise, seed, clip_x0_z, clip_x0_eps, clip_coef_x0):
+def _(z, pred, t, coef_z, coef_eps, sigma, noise, seed, clip_x0_z, clip_x0_eps, clip_coef_x0,
+      pred_uncond=None, guidance_scale=1.0):  # fmt: skip
     return _dense_empty_like(z)
 
 
@@ -388,44 +394,55 @@ def _reverse_step_out_op(
     clip_x0_z: torch.Tensor | None,
     clip_x0_eps: torch.Tensor | None,
     clip_coef_x0: torch.Tensor | None,
+    pred_uncond: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
 ) -> None:
     """reverse_step written into ``out`` (which may be z itself: the sampler's static buffer)."""
     clip = None if clip_x0_z is None else (clip_x0_z, clip_x0_eps, clip_coef_x0)
     _kernels()[2].reverse_step_triton(
-        z, pred, t, coef_z, coef_eps, sigma, noise, seed, out=out, clip=clip
-    )
+        z, pred, t, coef_z, coef_eps, sigma, noise, seed, out=out, clip=clip,
+        pred_uncond=pred_uncond, guidance_scale=guidance_scale,
+    )  # fmt: skip
 
 
 @_reverse_step_out_op.register_fake
 def _(out, z, pred, t, coef_z, coef_eps, sigma, noise, seed, clip_x0_z, clip_x0_eps,
-      clip_coef_x0):  # fmt: skip
+      clip_coef_x0, pred_uncond=None, guidance_scale=1.0):  # fmt: skip
     return None
 
 
 def _reverse_step_setup(ctx, inputs, output):
-    z, pred, t, coef_z, coef_eps, _, _, _, *clip = inputs
+    z, pred, t, coef_z, coef_eps, _, _, _, *clip, pred_uncond, scale = inputs
     ctx.clip = clip[0] is not None
-    ctx.save_for_backward(t, coef_z, coef_eps, *((z, pred, *clip) if ctx.clip else ()))
+    ctx.guided, ctx.scale = pred_uncond is not None, scale
+    guided = (pred_uncond,) if ctx.guided else ()
+    ctx.save_for_backward(t, coef_z, coef_eps, *((z, pred, *clip) if ctx.clip else ()), *guided)
     ctx.grad_z, ctx.grad_pred = z.requires_grad, pred.requires_grad
+    ctx.grad_uncond = ctx.guided and pred_uncond.requires_grad
 
 
 def _reverse_step_backward(ctx, grad):
-    """Linear in z and pred: per-sample scalings.  With x0 clipping, where x0 is clamped the
+    """Linear in z and eps: per-sample scalings.  With x0 clipping, where x0 is clamped the
     output no longer depends on x0: the x0 part, coef_x0 * x0, is taken out of the gradient
-    there (x0 = sqrt_recip_ac z - sqrt_recipm1_ac pred, recomputed from the saved inputs)."""
+    there (x0 = sqrt_recip_ac z - sqrt_recipm1_ac eps, recomputed from the saved inputs).
+    Guided, eps = u + s (pred - u): d/d pred = s d/d eps, d/d u = (1 - s) d/d eps."""
     t, coef_z, coef_eps, *saved = ctx.saved_tensors
+    uncond = saved.pop() if ctx.guided else None
     g = grad.float()
     gz, gp = g * _broadcast(coef_z[t], g), -g * _broadcast(coef_eps[t], g)
     if ctx.clip:
         z, pred, sqrt_recip_ac, sqrt_recipm1_ac, coef_x0 = saved
+        eps = ref.guided_eps(pred, uncond, ctx.scale).float()
         rz, re = _broadcast(sqrt_recip_ac[t], g), _broadcast(sqrt_recipm1_ac[t], g)
-        x0 = rz * z.float() - re * pred.float()
+        x0 = rz * z.float() - re * eps
         # d(clamp(x0) - x0)/d x0 = -1 where clamped: remove coef_x0 * d x0.
         g_x0 = -g * _broadcast(coef_x0[t], g) * (x0.abs() > 1.0)
         gz, gp = gz + g_x0 * rz, gp - g_x0 * re
     grad_z = gz.to(grad.dtype) if ctx.grad_z else None
-    grad_pred = gp.to(grad.dtype) if ctx.grad_pred else None
-    return (grad_z, grad_pred) + (None,) * 9
+    scale = ctx.scale if ctx.guided else 1.0
+    grad_pred = (scale * gp).to(grad.dtype) if ctx.grad_pred else None
+    grad_uncond = ((1.0 - scale) * gp).to(grad.dtype) if ctx.grad_uncond else None
+    return (grad_z, grad_pred) + (None,) * 9 + (grad_uncond, None)
 
 
 _reverse_step_op.register_autograd(_reverse_step_backward, setup_context=_reverse_step_setup)
@@ -579,6 +596,8 @@ def reverse_step(
     clip_x0: bool = False,
     validate: bool = True,
     out: torch.Tensor | None = None,
+    pred_uncond: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
 ) -> torch.Tensor:
     """One step of Algorithm 20.2: z_{t-1} = mu(z_t, pred) + sigma_t eps.
 
@@ -604,10 +623,15 @@ def reverse_step(
         clip_x0: clamp the predicted x0 to [-1, 1] (see above).
         out: optional tensor like z_t to write the result into (may be z_t itself); only
             without autograd.
+        pred_uncond, guidance_scale: classifier-free guidance: with the unconditional
+            prediction pred_uncond (like pred; pred is then the conditional one) the step uses
+            eps = pred_uncond + guidance_scale * (pred - pred_uncond), formed in the kernel
+            and never stored (s = 1: pred, s = 0: pred_uncond).
     Returns:
         z_{t-1}, shaped, typed and laid out like z_t.
     """
     _check_step_inputs(z_t, pred, t, schedule, validate)
+    _check_guidance(pred_uncond, guidance_scale, z_t)
     _check_noise_or_seed(noise, seed, z_t, "z_t")
     if variance not in VARIANCES:
         raise ValueError(f"variance: expected one of {sorted(VARIANCES)}, got {variance!r}")
@@ -623,6 +647,8 @@ def reverse_step(
             schedule.table(VARIANCES[variance], cd),
             _reference_eps(noise, seed, z_t),
             clip=_clip_tables(schedule, cd) if clip_x0 else None,
+            pred_uncond=pred_uncond,
+            guidance_scale=float(guidance_scale),
         )
         return result if out is None else out.copy_(result)
     args = (
@@ -635,6 +661,8 @@ def reverse_step(
         noise,
         None if seed is None else _seed_tensor(seed, z_t.device),
         *_clip_args(_clip_tables(schedule, torch.float32) if clip_x0 else None),
+        pred_uncond,
+        float(guidance_scale),
     )
     if out is None:
         return _reverse_step_op(*args)
@@ -647,6 +675,15 @@ def _clip_tables(schedule: NoiseSchedule, dtype: torch.dtype) -> tuple[torch.Ten
     reads (x0 = sqrt_recip * z - sqrt_recipm1 * pred: no division in the kernel)."""
     names = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef_x0")
     return tuple(schedule.table(name, dtype) for name in names)
+
+
+def _check_guidance(pred_uncond, guidance_scale, z_t: torch.Tensor) -> None:
+    if pred_uncond is not None:
+        _check_like("pred_uncond", pred_uncond, z_t, "z_t")
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+        raise TypeError(f"guidance_scale: expected a number, got {guidance_scale!r}")
+    if not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale: expected a finite number, got {guidance_scale!r}")
 
 
 def _check_flag(name: str, value) -> None:
@@ -668,6 +705,8 @@ def ddim_step(
     clip_rule: str = "rederive",
     validate: bool = True,
     out: torch.Tensor | None = None,
+    pred_uncond: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
 ) -> torch.Tensor:
     """One DDIM step (Song et al. 2021) from step t to an earlier step t_prev.
 
@@ -687,12 +726,15 @@ def ddim_step(
             use_clipped_model_output=False``), which shifts z by sqrt(alpha_prev) (x0_clamped
             - x0) per step whatever the step size, so more steps drift further.
         noise / seed: eps as for q_sample (multiplied by sigma, so not drawn when eta = 0).
+        pred_uncond, guidance_scale: classifier-free guidance as for ``reverse_step``: pred
+            above is pred_uncond + guidance_scale * (pred - pred_uncond).
     Always runs the torch reference (a fused kernel is future work).  With eta > 0 and a
     seed tensor on CUDA, drawing eps reads the seed back to the host, so such steps cannot be
     captured in a CUDA graph.
     """
     _check_step_inputs(z_t, pred, t, schedule, validate)
     _check_t_prev(t_prev, t, validate)
+    _check_guidance(pred_uncond, guidance_scale, z_t)
     _check_noise_or_seed(noise, seed, z_t, "z_t")
     if not 0.0 <= float(eta) <= 1.0:
         raise ValueError(f"eta: expected a value in [0, 1], got {eta}")
@@ -702,7 +744,7 @@ def ddim_step(
     result = ref.ddim_step_reference(
         z_t, pred, t, t_prev, schedule.table("alphas_cumprod", cd), float(eta),
         _reference_eps(noise, seed, z_t) if eta > 0 else None, clip_x0=clip_x0,
-        clip_rule=clip_rule,
+        clip_rule=clip_rule, pred_uncond=pred_uncond, guidance_scale=float(guidance_scale),
     )  # fmt: skip
     return result if out is None else out.copy_(result)
 

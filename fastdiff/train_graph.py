@@ -8,8 +8,12 @@ it itself, from a device step counter k:
                                                     and the position are device tensors
             = the static input buffer               streamed data: the next batch is copied
                                                     into it before the replay
+    y       = labels[perm[pos : pos + B]]           conditional runs, beside x (streamed: a
+                                                    static label buffer)
     t       ~ U{0..T-1}                             the run's t generator, registered with
                                                     the graph (replays advance its offset)
+    y'      = y, or the null class w.p. p           the run's label generator, registered
+                                                    likewise (training._Run.loss_backward)
     seed_k  = seed * 2**32 + k * world + rank       training.step_seed
     lr_k    = lr * min(1, (k + 1) / warmup_steps)   written into the optimizer's lr tensor
               (* cosine decay with lr_schedule="cosine": lr_schedule below)
@@ -152,26 +156,35 @@ class _DeviceIndexedBatches:
             self.pos.fill_(start)
             self._source = perm
 
-    def batch(self) -> torch.Tensor:
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The step's images and their labels (None: unlabelled data)."""
         index = self.perm.index_select(0, self.offsets + self.pos)
         self.pos.add_(self.batches.batch_size)
-        return self.batches.data.index_select(0, index).contiguous(memory_format=self.fmt)
+        labels = self.batches.labels
+        labels = None if labels is None else labels.index_select(0, index)
+        return self.batches.data.index_select(0, index).contiguous(memory_format=self.fmt), labels
 
 
 class _StaticInput:
-    """Streamed data (DataLoader): each batch is copied into one static device buffer before
-    the step; the graph reads the buffer."""
+    """Streamed data (DataLoader): each batch (and its labels) is copied into static device
+    buffers before the step; the graph reads the buffers."""
 
     def __init__(self, batches, fmt: torch.memory_format):
         self.batches = batches
         shape = (batches.batch_size, *batches.image_shape)
         self.buffer = torch.empty(shape, device=batches.device, memory_format=fmt)
+        self.labels: torch.Tensor | None = None
 
     def prepare(self) -> None:
-        self.buffer.copy_(self.batches.next_batch(), non_blocking=True)
+        images, labels = self.batches.next_labelled()
+        self.buffer.copy_(images, non_blocking=True)
+        if labels is not None:
+            if self.labels is None:
+                self.labels = torch.empty_like(labels)
+            self.labels.copy_(labels, non_blocking=True)
 
-    def batch(self) -> torch.Tensor:
-        return self.buffer
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.buffer, self.labels
 
 
 # -- the step -----------------------------------------------------------------------------------
@@ -309,7 +322,8 @@ class GraphStep:
             device=run.device,
             what=WHAT,
             strict=self.strict,
-            generators=[run.t_gen],  # the default generator (dropout) is registered implicitly
+            # The default generator (dropout) is registered implicitly.
+            generators=[run.t_gen] + ([run.label_gen] if run.num_classes is not None else []),
             restore=run.forget_partial_step,
         )
         if self.graph is None:
@@ -319,12 +333,12 @@ class GraphStep:
         """The step function: what is captured and replayed (see the module docstring)."""
         run, cfg, k = self.run, self.run.cfg, self.counter
         with phase("data"):
-            x = self.inputs.batch()
+            x, y = self.inputs.batch()
             t = torch.randint(
                 0, run.schedule.T, (x.shape[0],), device=run.device, generator=run.t_gen
             )
             run.seed_buf.copy_(step_seed(k, cfg.seed, run.dist.rank, run.dist.world))
-        loss = run.loss_backward(x, t, autocast_cache=False)
+        loss = run.loss_backward(x, t, y, autocast_cache=False)
         with phase("optimizer"):
             self.lr.copy_(lr_schedule(k, cfg.lr, cfg.warmup_steps, cfg.lr_schedule, cfg.steps))
             run.clipped_update()

@@ -5,6 +5,7 @@ Each step, for a batch x (B, C, H, W) in [-1, 1]:
     t ~ U{0..T-1} (0-based),  k = the step's noise seed
     z    = q_sample(x, t, schedule, seed=k)        eps drawn in-kernel, never stored
     pred = model(z, t)                               under autocast (bf16 / fp16) if chosen
+           (conditional: model(z, t, y'), y' = y or the null class w.p. class_dropout)
     loss = noise_loss(pred, t, seed=k)               eps regenerated from k; backward too
     AdamW step (linear warm-up, gradient clipping), then the EMA update
 
@@ -44,6 +45,13 @@ from .ema import EMA
 from .errors import CheckpointError, DataError, FastDiffError, OutputError
 from .fid_monitor import FIDMonitor
 from .images import save_image_grid
+from .labels import (
+    check_labels,
+    class_rows,
+    drop_labels,
+    model_num_classes,
+    resolve_labelled_data,
+)
 from .metrics_log import MetricsLog
 from .precision import (
     memory_format,
@@ -94,6 +102,8 @@ class TrainConfig:
     variance: str = "beta"
     sample_sampler: str = "ddpm"
     sample_steps: int | None = None
+    conditional: bool = False
+    class_dropout: float = 0.1
     fid_every: int = 0
     fid_samples: int = 5000
     extra: dict = field(default_factory=dict)
@@ -127,6 +137,11 @@ def _check_config(cfg: TrainConfig) -> None:
         raise ValueError(
             f"checkpoint_minutes: expected None or a number of minutes >= 0, got {minutes!r}"
         )
+    if not isinstance(cfg.conditional, bool):
+        raise TypeError(f"conditional: expected True or False, got {cfg.conditional!r}")
+    p = cfg.class_dropout
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"class_dropout: expected a probability in [0, 1], got {p!r}")
     if cfg.weight_decay < 0:
         raise ValueError(f"weight_decay: expected >= 0, got {cfg.weight_decay}")
     if cfg.lr_schedule not in LR_SCHEDULES:
@@ -147,10 +162,13 @@ def grid_spec(cfg: TrainConfig, T: int | None = None) -> SamplerSpec:
     )  # fmt: skip
 
 
-def model_for_data(image_shape: tuple[int, int, int], preset: str | None = None) -> UNet:
+def model_for_data(
+    image_shape: tuple[int, int, int], preset: str | None = None, num_classes: int | None = None
+) -> UNet:
     """A UNet preset adapted to the data: its channels and size, attention at the same relative
-    resolutions, and no more levels than the size allows.  Default preset: "digits" for
-    1x16x16 images, "cifar10" (Ho et al.'s 35.7M model) otherwise."""
+    resolutions, and no more levels than the size allows; class-conditional with
+    ``num_classes``.  Default preset: "digits" for 1x16x16 images, "cifar10" (Ho et al.'s
+    35.7M model) otherwise."""
     C, H, W = image_shape
     if preset is None:
         preset = "digits" if (C, H, W) == (1, 16, 16) else "cifar10"
@@ -166,7 +184,7 @@ def model_for_data(image_shape: tuple[int, int, int], preset: str | None = None)
         {r for r in (round(a * scale) for a in cfg["attention_resolutions"]) if r in resolutions}
     )
     cfg.update(in_channels=C, image_size=H, channel_mult=mult, attention_resolutions=attn)
-    return UNet(**cfg)
+    return UNet(**cfg, num_classes=num_classes)
 
 
 def step_seed(run_seed: int, step: int, rank: int = 0, world: int = 1) -> int:
@@ -198,6 +216,18 @@ def _check_model_fits(model: nn.Module, image_shape) -> None:
             f"data: images have {image_shape[0]} channel(s) but the model expects"
             f" {cfg['in_channels']} (model in_channels={cfg['in_channels']})"
         )
+
+
+def _check_model_classes(model: nn.Module, labels: torch.Tensor) -> int:
+    """The model's class count, after checking it is conditional and covers the labels."""
+    num_classes = model_num_classes(model)
+    if num_classes is None:
+        raise ValueError(
+            "model: a conditional run needs a class-conditional model, forward(z, t, y) with"
+            " num_classes (e.g. UNet(..., num_classes=K)); this one has none"
+        )
+    check_labels(labels, labels.shape[0], num_classes, name="data")
+    return num_classes
 
 
 def train(
@@ -238,13 +268,17 @@ def train(
     cuda_graph: bool = True,
     compile: bool = False,
     strict: bool | None = None,
+    conditional: bool = False,
+    class_dropout: float = 0.1,
+    labels=None,
 ) -> Diffusion:
     """Train a DDPM noise predictor with Algorithm 20.1 and return the trained Diffusion.
 
     Args:
         data: a tensor / numpy array (N, C, H, W) in [-1, 1] (or uint8 0..255), a path to an
             .npz or a folder of images, a torch Dataset, or a built-in name ("digits").
-        model: any nn.Module with forward(z, t) -> eps (default: a UNet preset fitting data).
+        model: any nn.Module with forward(z, t) -> eps (default: a UNet preset fitting data);
+            for a conditional run forward(z, t, y) with an int ``num_classes`` (fastdiff.labels).
         schedule: "linear", "cosine" (with T steps) or a NoiseSchedule.
         steps: total optimizer steps (with resume: the step count to reach).
         batch_size: images per step.
@@ -291,6 +325,13 @@ def train(
             that reads tensors on the host or uses an op graphs do not support) training goes
             on with the eager step from the same state, after one log line saying why; the
             sample grids likewise.  Ignored on other devices.
+        conditional: train a class-conditional model for classifier-free guidance on the
+            data's labels (fastdiff.labels: the built-in digits', an .npz's ``labels``, a
+            folder's class subfolders, a Dataset's (image, label) items, or ``labels``); the
+            default model is the preset with ``num_classes`` = the data's class count.
+        class_dropout: with ``conditional``, the probability that a label is replaced by the
+            null class (the unconditional model), drawn on the device inside the step.
+        labels: the class of each image (N,) for tensor / array data with ``conditional``.
         strict: turn those fallbacks into a ``GraphCaptureError`` (None: the
             ``FASTDIFF_STRICT`` environment variable, off by default); for measurements that
             must not time an eager fallback.
@@ -326,10 +367,14 @@ def train(
         variance=variance,
         sample_sampler=sample_sampler,
         sample_steps=sample_steps,
+        conditional=conditional,
+        class_dropout=class_dropout,
         fid_every=fid_every,
         fid_samples=fid_samples,
     )
     _check_config(cfg)
+    if labels is not None and not conditional:
+        raise ValueError("labels: only used by a conditional run; pass conditional=True")
     strict = cuda_graphs.strict_mode(strict)
     if resume and out_dir is None:
         raise ValueError("resume: needs out_dir, the directory holding the run's checkpoints")
@@ -341,22 +386,29 @@ def train(
         cl = resolve_channels_last(channels_last, dev, prec)
         sched = _schedule(schedule, T).to(dev)
         grid_spec(cfg, sched.T)
-        source = (
-            data
-            if isinstance(data, torch.utils.data.Dataset)
-            else resolve_data(data, image_size=image_size)
-        )
+        num_classes = class_labels = None
+        if conditional:
+            source, class_labels, num_classes = resolve_labelled_data(
+                data, labels, image_size=image_size
+            )
+        elif isinstance(data, torch.utils.data.Dataset):
+            source = data
+        else:
+            source = resolve_data(data, image_size=image_size)
         image_shape = _image_shape(source)
 
         torch.manual_seed(seed)
         if model is None:
-            model = model_for_data(image_shape, preset)
+            model = model_for_data(image_shape, preset, num_classes)
         _check_model_fits(model, image_shape)
+        if conditional:
+            num_classes = _check_model_classes(model, class_labels)
         model.to(dev, memory_format=memory_format(cl)).train()
 
         fid = FIDMonitor(source, fid_samples, dev) if fid_every and dist_info.is_main else None
         run = _Run(model, sched, source, image_shape, cfg, dev, prec, cl, num_workers, dist_info,
-                   cuda_graph=cuda_graph, compile=compile, strict=strict)  # fmt: skip
+                   cuda_graph=cuda_graph, compile=compile, strict=strict,
+                   labels=class_labels, num_classes=num_classes)  # fmt: skip
         run.fid = fid
         run.data_name = _data_name(data)
         out = Path(out_dir) if out_dir is not None else None
@@ -373,8 +425,10 @@ class _Run:
 
     def __init__(self, model, schedule, source, image_shape, cfg, device, prec, cl, workers,
                  dist_info: distributed.DistInfo | None = None, *, cuda_graph: bool = True,
-                 compile: bool = False, strict: bool = False):  # fmt: skip
+                 compile: bool = False, strict: bool = False, labels=None,
+                 num_classes: int | None = None):  # fmt: skip
         self.model, self.schedule, self.cfg = model, schedule, cfg
+        self.num_classes = num_classes if cfg.conditional else None
         self.strict = strict
         self.grid_spec = grid_spec(cfg, schedule.T)
         self.device, self.prec, self.channels_last = device, prec, cl
@@ -383,7 +437,7 @@ class _Run:
         self.net = distributed.wrap(model, self.dist, device)  # what forward/backward run through
         rank_seed = cfg.seed + 1_000_003 * self.dist.rank
         self.batches = make_batches(
-            source, cfg.batch_size, device, seed=rank_seed, num_workers=workers
+            source, cfg.batch_size, device, seed=rank_seed, num_workers=workers, labels=labels
         )
         if compile:
             self.net = torch.compile(self.net)
@@ -396,6 +450,9 @@ class _Run:
         self.scaler = torch.amp.GradScaler(device.type, enabled=prec.grad_scaling)
         self.ema = EMA(model, cfg.ema_decay)
         self.t_gen = torch.Generator(device=device).manual_seed(rank_seed + 1)
+        # The class-dropout draws (conditional runs): a generator of their own, registered
+        # with the captured step like t_gen, and checkpointed for exact resume.
+        self.label_gen = torch.Generator(device=device).manual_seed(rank_seed + 2)
         self.step = 0
         self.seed_buf = torch.zeros(1, dtype=torch.long, device=device)
         self.losses = torch.zeros(cfg.log_every, dtype=torch.float32, device=device)
@@ -412,15 +469,23 @@ class _Run:
             train_graph.lr_schedule(k, cfg.lr, cfg.warmup_steps, cfg.lr_schedule, cfg.steps)
         )
 
-    def loss_backward(self, x: torch.Tensor, t: torch.Tensor, autocast_cache: bool = True):
+    def loss_backward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+        autocast_cache: bool = True,
+    ):  # fmt: skip
         """Algorithm 20.1's loss for clean images x (N, C, H, W) at steps t (N,), with the
         noise of ``seed_buf``: z_t = q_sample(x, t), loss = noise_loss(model(z_t, t)); runs the
-        (scaled) backward and returns the loss (a 0-d tensor).  Shared by the eager step and
-        the captured one (train_graph, which turns off autocast's weight cache)."""
+        (scaled) backward and returns the loss (a 0-d tensor).  A conditional run passes the
+        labels y (N,): each becomes the null class with probability ``class_dropout``
+        (``label_gen``, on the device) and the model sees model(z_t, t, y').  Shared by the
+        eager step and the captured one (train_graph, which turns off autocast's weight
+        cache)."""
         with phase("noising"):
             z = ops.q_sample(x, t, self.schedule, seed=self.seed_buf, validate=False)
+            if self.num_classes is not None:
+                y = drop_labels(y, self.cfg.class_dropout, self.num_classes, self.label_gen)
         with phase("forward"), self.prec.autocast(self.device, cache=autocast_cache):
-            pred = self.net(z, t)
+            pred = self.net(z, t) if self.num_classes is None else self.net(z, t, y)
         with phase("loss"):
             loss = ops.noise_loss(pred, t, seed=self.seed_buf, validate=False)
         with phase("backward"):
@@ -450,14 +515,13 @@ class _Run:
             return
         cfg, k = self.cfg, self.step
         with phase("data"):
-            x = self.batches.next_batch().contiguous(
-                memory_format=memory_format(self.channels_last)
-            )
+            x, y = self.batches.next_labelled()
+            x = x.contiguous(memory_format=memory_format(self.channels_last))
             t = torch.randint(
                 0, self.schedule.T, (x.shape[0],), device=self.device, generator=self.t_gen
             )
             self.seed_buf.fill_(step_seed(cfg.seed, k, self.dist.rank, self.dist.world))
-        loss = self.loss_backward(x, t)
+        loss = self.loss_backward(x, t, y)
         with phase("optimizer"):
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr_at(k)
@@ -651,6 +715,8 @@ class _Run:
             "channels_last": self.channels_last,
             "step": self.step,
         }
+        if self.num_classes is not None:
+            config["num_classes"] = self.num_classes
         if self.data_name is not None:
             config["data"] = self.data_name
         if self.fid is not None and self.fid.best is not None:
@@ -662,8 +728,14 @@ class _Run:
     def _save_grid(self, path: Path, diffusion: Diffusion | None = None) -> None:
         diffusion = diffusion or self.diffusion()
         rng_state = torch.get_rng_state()  # sampling must not disturb the training RNG
+        n, labels, nrow = self.cfg.n_samples, None, None
+        if self.num_classes is not None:  # one row per class, the default guidance scale
+            nrow = max(1, n // self.num_classes)
+            labels = class_rows(self.num_classes, nrow)
+            n = labels.numel()
         images = diffusion.sample(
-            self.cfg.n_samples,
+            n,
+            labels=labels,
             seed=self.cfg.seed,
             # The training layout: sample() may convert a module it samples in place, and the
             # captured training step holds the weights' addresses.
@@ -673,12 +745,13 @@ class _Run:
         )
         torch.set_rng_state(rng_state)
         self.model.train()
-        save_image_grid(images, path, scale=max(1, 64 // max(self.image_shape[1:])))
+        save_image_grid(images, path, nrow, scale=max(1, 64 // max(self.image_shape[1:])))
 
     def rank_state(self) -> dict:
         """What differs between ranks: RNG streams and data order."""
         state = {
             "t_generator": self.t_gen.get_state(),
+            "label_generator": self.label_gen.get_state(),
             "torch_rng": torch.get_rng_state(),
             "batches": self.batches.state_dict(),
         }
@@ -752,6 +825,8 @@ class _Run:
         self.scaler.load_state_dict(state["scaler"])
         mine = state["ranks"][self.dist.rank]
         self.t_gen.set_state(mine["t_generator"])
+        if "label_generator" in mine:
+            self.label_gen.set_state(mine["label_generator"])
         torch.set_rng_state(mine["torch_rng"])
         if "cuda_rng" in mine and self.device.type == "cuda":
             torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
@@ -763,7 +838,7 @@ class _Run:
     def _check_compatible(self, config: dict, directory: Path) -> None:
         saved = config.get("train", {})
         mine = asdict(self.cfg)
-        for key in ("batch_size", "seed", "precision"):
+        for key in ("batch_size", "seed", "precision", "conditional", "class_dropout"):
             if key in saved and saved[key] != mine[key]:
                 raise CheckpointError(
                     f"checkpoint: {str(directory)!r} was trained with {key}={saved[key]!r},"

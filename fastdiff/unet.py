@@ -250,6 +250,12 @@ class UNet(nn.Module):
     downsample_padding=0``; see fastdiff.diffusers_convert): ``norm_eps`` of every GroupNorm,
     ``downsample_padding`` (see Downsample), and the time embedding's ``flip_sin_to_cos`` and
     ``freq_shift`` (see timestep_embedding).
+
+    Class-conditional with ``num_classes=K``: ``forward(z, t, y)`` adds a learned class
+    embedding ``class_embed[y]`` (K + 1 rows, width 4 * base_channels) to the time embedding,
+    as diffusers' UNet2DModel does with ``num_class_embeds``; row K is the learned *null*
+    class, the unconditional prediction of classifier-free guidance (y=None means it).  The
+    rows start at zero, so the untrained model is the same for every class.
     """
 
     def __init__(
@@ -269,6 +275,7 @@ class UNet(nn.Module):
         downsample_padding: int = 1,
         flip_sin_to_cos: bool = False,
         freq_shift: int = 1,
+        num_classes: int | None = None,
     ):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
@@ -294,6 +301,10 @@ class UNet(nn.Module):
             raise FastDiffError(f"flip_sin_to_cos must be True or False, got {flip_sin_to_cos!r}")
         if freq_shift not in (0, 1) or isinstance(freq_shift, bool):
             raise FastDiffError(f"freq_shift must be 0 or 1, got {freq_shift!r}")
+        if num_classes is not None and (not _is_int(num_classes) or num_classes < 1):
+            raise FastDiffError(
+                f"num_classes must be None or a positive integer, got {num_classes!r}"
+            )
         self.config: dict[str, Any] = dict(
             in_channels=in_channels,
             out_channels=out_channels,
@@ -309,7 +320,9 @@ class UNet(nn.Module):
             downsample_padding=downsample_padding,
             flip_sin_to_cos=flip_sin_to_cos,
             freq_shift=freq_shift,
+            num_classes=num_classes,
         )
+        self.num_classes = num_classes
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.base_channels = base_channels
@@ -319,6 +332,7 @@ class UNet(nn.Module):
         self.time_embed = nn.Sequential(
             nn.Linear(base_channels, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim)
         )
+        self.class_embed = None if num_classes is None else nn.Embedding(num_classes + 1, temb_dim)
 
         def res(c_in: int, c_out: int) -> ResBlock:
             return ResBlock(c_in, c_out, temb_dim, dropout, num_groups)
@@ -455,6 +469,8 @@ class UNet(nn.Module):
                 zero.append(m.proj_out)
         for m in zero:
             nn.init.zeros_(m.weight)
+        if self.class_embed is not None:
+            nn.init.zeros_(self.class_embed.weight)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> UNet:
@@ -491,9 +507,15 @@ class UNet(nn.Module):
             )
         return t
 
-    def forward(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """z: (B, in_channels, H, W), t: (B,) step indices -> (B, out_channels, H, W)."""
+    def forward(
+        self, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """z: (B, in_channels, H, W), t: (B,) step indices, y: (B,) class labels in
+        0..num_classes (num_classes: the null class; None: all null) of a class-conditional
+        model -> (B, out_channels, H, W)."""
         t = self._check_inputs(z, t)
+        if y is not None and self.class_embed is None:
+            raise FastDiffError("y: this UNet is unconditional (num_classes=None); omit y")
         emb = timestep_embedding(
             t,
             self.base_channels,
@@ -504,6 +526,10 @@ class UNet(nn.Module):
         if first.dtype != emb.dtype and not torch.is_autocast_enabled(z.device.type):
             emb = emb.to(first.dtype)  # half-precision weights without autocast
         temb = self.time_embed(emb)
+        if self.class_embed is not None:
+            if y is None:
+                y = torch.full((z.shape[0],), self.num_classes, device=z.device)
+            temb = temb + self.class_embed(y).to(temb.dtype)
 
         h = self.conv_in(z)
         hs = [h]

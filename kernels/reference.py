@@ -168,8 +168,13 @@ def noise_loss_reference(pred, noise, weights=None, reduction="mean"):
     return per_sample.mean() if reduction == "mean" else per_sample
 
 
-def reverse_step_reference(z, pred, t, coef_z, coef_eps, sigma, noise, clip=None):
+def reverse_step_reference(
+    z, pred, t, coef_z, coef_eps, sigma, noise, clip=None, pred_uncond=None, guidance_scale=1.0
+):
     """mu = coef_z[t] z - coef_eps[t] pred; z_{t-1} = mu + sigma[t] eps, sigma := 0 at t == 0.
+
+    With ``pred_uncond``, pred is replaced by the guided prediction pred_uncond +
+    guidance_scale (pred - pred_uncond) (``guided_eps``).
 
     ``clip`` = (sqrt_recip_ac, sqrt_recipm1_ac, coef_x0) tables clamps the predicted x0 to
     [-1, 1] (improved-diffusion's ``clip_denoised``): with x0 = sqrt_recip_ac[t] z -
@@ -183,7 +188,7 @@ def reverse_step_reference(z, pred, t, coef_z, coef_eps, sigma, noise, clip=None
     cd = _compute_dtype(z)
     sig = torch.where(t == 0, torch.zeros_like(sigma[t]), sigma[t]).to(cd)
     sig = sig.view(-1, *([1] * (z.dim() - 1)))
-    zc, pc = z.to(cd), pred.to(cd)
+    zc, pc = z.to(cd), guided_eps(pred, pred_uncond, guidance_scale).to(cd)
     mu = _per_sample(coef_z, t, z) * zc - _per_sample(coef_eps, t, z) * pc
     if clip is not None:
         sqrt_recip_ac, sqrt_recipm1_ac, coef_x0 = clip
@@ -198,8 +203,9 @@ CLIP_RULES = ("rederive", "diffusers")
 
 
 def ddim_step_reference(
-    z, pred, t, t_prev, alphas_cumprod, eta, noise, clip_x0=False, clip_rule="rederive"
-):
+    z, pred, t, t_prev, alphas_cumprod, eta, noise, clip_x0=False, clip_rule="rederive",
+    pred_uncond=None, guidance_scale=1.0,
+):  # fmt: skip
     """DDIM (Song et al. 2021) from step t to the earlier step t_prev (-1: the clean image).
 
         x0     = (z_t - sqrt(1 - a_t) pred) / sqrt(a_t)
@@ -213,6 +219,7 @@ def ddim_step_reference(
     the step is DDIM's update for the clamped denoiser and converges as steps grow; with
     ``"diffusers"`` the predicted eps is kept, which moves z by sqrt(a_prev) (x0_clamped - x0)
     at every step whatever its size.  eta = 0: deterministic (``noise`` may then be None).
+    With ``pred_uncond``, pred is the guided pred_uncond + guidance_scale (pred - pred_uncond).
     """
     cd = _compute_dtype(z)
     ac = alphas_cumprod.to(cd)
@@ -221,7 +228,7 @@ def ddim_step_reference(
     sigma = eta * torch.sqrt((1 - a_prev) / (1 - a_t)) * torch.sqrt(1 - a_t / a_prev)
     dir_coef = torch.sqrt((1 - a_prev - sigma**2).clamp(min=0))
     shape = (-1, *([1] * (z.dim() - 1)))
-    zc, eps = z.to(cd), pred.to(cd)
+    zc, eps = z.to(cd), guided_eps(pred, pred_uncond, guidance_scale).to(cd)
     x0 = (zc - torch.sqrt(1 - a_t).view(shape) * eps) / torch.sqrt(a_t).view(shape)
     if clip_x0:
         clamped = x0.clamp(-1.0, 1.0)

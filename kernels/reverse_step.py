@@ -11,9 +11,16 @@ predicted x0 clamped to [-1, 1]:
                                                                   / sqrt(alpha_t), no division)
     mu = mu + coef_x0[t] * (clamp(x0, -1, 1) - x0)      (= c0 clamp(x0) + c1 z_t)
 
-One pass reads z_t and pred and writes z_{t-1}.  t and the seed are read from device memory,
-so a CUDA graph that captured this launch gives fresh, reproducible noise at every replay once
-the caller updates those buffers (or increments them inside the graph).
+With GUIDED (classifier-free guidance, Ho & Salimans 2022; diffusers' convention), pred is
+the conditional prediction and a second input the unconditional one; the eps used above is
+
+    pred = pred_uncond + s * (pred - pred_uncond)         (s = 1: pred; s = 0: pred_uncond)
+
+formed in registers, never stored.
+
+One pass reads z_t and pred (and pred_uncond) and writes z_{t-1}.  t and the seed are read
+from device memory, so a CUDA graph that captured this launch gives fresh, reproducible noise
+at every replay once the caller updates those buffers (or increments them inside the graph).
 """
 
 from __future__ import annotations
@@ -28,10 +35,11 @@ from .common import chunk, chunk_noise, dense, launch, program_sample, same_layo
 @triton.jit
 def reverse_step_kernel(
     z_ptr, pred_ptr, noise_ptr, out_ptr, t_ptr, coef_z_ptr, coef_eps_ptr, sigma_ptr, seed_ptr,
-    sqrt_recip_ac_ptr, sqrt_recipm1_ac_ptr, coef_x0_ptr,
+    sqrt_recip_ac_ptr, sqrt_recipm1_ac_ptr, coef_x0_ptr, uncond_ptr, guidance,
     n_per, C, HW, blocks_per_sample,
     ROWS: tl.constexpr, W: tl.constexpr, NCH: tl.constexpr, LAYOUT: tl.constexpr,
     FAST_MATH: tl.constexpr, NOISE_FROM_SEED: tl.constexpr, CLIP_X0: tl.constexpr,
+    GUIDED: tl.constexpr,
 ):  # fmt: skip
     n, _, _ = program_sample(n_per, blocks_per_sample)
     step = tl.load(t_ptr + n)
@@ -47,6 +55,9 @@ def reverse_step_kernel(
         base, offs, mask = chunk(n_per, blocks_per_sample, s, ROWS, W, NCH, LAYOUT)
         z = tl.load(z_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         pred = tl.load(pred_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        if GUIDED:
+            uncond = tl.load(uncond_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+            pred = uncond + guidance * (pred - uncond)
         if NOISE_FROM_SEED:
             eps = chunk_noise(seed, base, offs, C, HW, blocks_per_sample, s,
                               ROWS, W, NCH, LAYOUT, FAST_MATH)  # fmt: skip
@@ -71,18 +82,24 @@ def reverse_step_triton(
     seed=None,
     out: torch.Tensor | None = None,
     clip: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    pred_uncond: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
 ) -> torch.Tensor:
     """z_{t-1} for z, pred (B, ...), t (B,) int, tables (T,) fp32; exactly one of noise / seed.
 
     Result has z's dtype and layout; ``out`` (same shape/dtype/layout as z) may be given to
     write in place, e.g. a static CUDA-graph buffer (``out`` may alias ``z``).  ``clip`` =
     (sqrt_recip_alphas_cumprod, sqrt_recipm1_alphas_cumprod, posterior_mean_coef_x0) tables,
-    fp32 (T,), turns on x0 clipping.
+    fp32 (T,), turns on x0 clipping.  ``pred_uncond`` (like pred) turns on guidance: the
+    step uses pred_uncond + guidance_scale * (pred - pred_uncond) as its eps.
     """
     z = dense(z)
     if out is not None and (out.shape != z.shape or out.stride() != z.stride()):
         # the kernel writes z's dense layout; any other ``out`` gets the result copied in
-        result = reverse_step_triton(z, pred, t, coef_z, coef_eps, sigma, noise, seed, clip=clip)
+        result = reverse_step_triton(
+            z, pred, t, coef_z, coef_eps, sigma, noise, seed, clip=clip,
+            pred_uncond=pred_uncond, guidance_scale=guidance_scale,
+        )  # fmt: skip
         return out.copy_(result)
     if out is None:
         out = torch.empty_like(z)
@@ -102,7 +119,10 @@ def reverse_step_triton(
         sqrt_recip_ac_ptr=clip[0] if clip is not None else coef_z,  # unread without CLIP_X0
         sqrt_recipm1_ac_ptr=clip[1] if clip is not None else coef_z,
         coef_x0_ptr=clip[2] if clip is not None else coef_z,
+        uncond_ptr=same_layout(pred_uncond, z) if pred_uncond is not None else z,  # unread
+        guidance=float(guidance_scale),
         NOISE_FROM_SEED=noise is None,
         CLIP_X0=clip is not None,
+        GUIDED=pred_uncond is not None,
     )
     return out

@@ -48,6 +48,7 @@ IMAGE_POINTERS = {
     "out_ptr",
     "z_ptr",
     "pred_ptr",
+    "uncond_ptr",
     "grad_ptr",
     "dout_ptr",
     "dx_ptr",
@@ -169,16 +170,23 @@ def noise_cases(archs):
         constexprs["NOISE_FROM_SEED"] = seeded
         if "CLIP_X0" in fn.arg_names:
             constexprs["CLIP_X0"] = False
+        guided = "GUIDED" in fn.arg_names
+        if guided:
+            constexprs["GUIDED"] = False
+        scalars = {"guidance": "fp32"} if guided else None
         threads = 32 * warps
         elems = args["ROWS"] * args["W"] * args["NCH"] / threads
         report = {"kernel": name, "dtype": dtype, "sm": cap, "tile": tile, "seeded": seeded,
                   "num_warps": warps, "elems_per_thread": elems}  # fmt: skip
         # Triton's launcher marks n_per 16-divisible only when it is.
         aligned = ("n_per",) if args["n_per"] % 16 == 0 else ()
-        yield report, fn, DTYPES[dtype], constexprs, cap, warps, None, aligned
+        yield report, fn, DTYPES[dtype], constexprs, cap, warps, scalars, aligned
         if "CLIP_X0" in fn.arg_names and tile in ("flat4", "nhwc4"):  # DDPM's x0 clipping
             clip = {**constexprs, "CLIP_X0": True}
-            yield {**report, "clip_x0": True}, fn, DTYPES[dtype], clip, cap, warps, None, aligned
+            yield {**report, "clip_x0": True}, fn, DTYPES[dtype], clip, cap, warps, scalars, aligned
+        if guided and tile in ("flat4", "nhwc4"):  # classifier-free guidance's second input
+            cfg = {**constexprs, "GUIDED": True}
+            yield {**report, "guided": True}, fn, DTYPES[dtype], cfg, cap, warps, scalars, aligned
 
 
 def main() -> None:

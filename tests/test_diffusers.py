@@ -437,3 +437,38 @@ def test_dpm_solver_sampling_of_a_pipeline_equals_diffusers(pipeline, channels_l
                            channels_last=channels_last)  # fmt: skip
     assert z.abs().max() > 0.5
     torch.testing.assert_close(got, z.clamp(-1, 1), atol=1e-4, rtol=1e-4)
+
+
+def test_class_conditional_unet2dmodel_converts_with_equal_predictions(tmp_path):
+    """num_class_embeds=4 -> fastdiff UNet(num_classes=3) (the last embedding: the null class);
+    same predictions as diffusers for every label, the null class (y=None) included."""
+    unet = make_unet(num_class_embeds=4)
+    diffusion = load(save_pipeline(tmp_path / "pipe", unet), device="cpu")
+    net = diffusion.model
+    assert isinstance(net, UNet) and diffusion.num_classes == 3
+    z, t = inputs()
+    y = torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        want = unet(z, t, class_labels=y).sample
+        got = net(z, t, y)
+        null = unet(z, t, class_labels=torch.full((4,), 3)).sample
+        got_null = net(z, t)
+    assert (want - null).abs().mean() > 0.01  # the labels change the prediction
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_null, null, atol=1e-5, rtol=1e-5)
+
+
+def test_conditional_export_round_trips_through_unet2dmodel(tmp_path):
+    diffusion = fastdiff_diffusion(num_classes=5)
+    out = diffusion.save(tmp_path / "pipe", format="diffusers")
+    pipe = diffusers.DDPMPipeline.from_pretrained(str(out), local_files_only=True)
+    assert pipe.unet.config.num_class_embeds == 6
+    z, t = inputs()
+    y = torch.tensor([0, 4, 5, 2])  # 5: the null class
+    with torch.no_grad():
+        want = diffusion.ema_model(z, t, y)
+        torch.testing.assert_close(pipe.unet(z, t, class_labels=y).sample, want, atol=1e-5,
+                                   rtol=1e-5)  # fmt: skip
+        back = load(out, device="cpu")
+        assert back.num_classes == 5
+        torch.testing.assert_close(back.model(z, t, y), want, atol=1e-5, rtol=1e-5)

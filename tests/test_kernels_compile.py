@@ -114,3 +114,13 @@ def test_reverse_step_x0_clipping_compiles(report):
         ("reverse_step", d, s) for d in ("fp32", "bf16", "fp16") for s in (80, 90)
     }
     assert not [c for c in clipped if "error" in c]
+
+
+def test_guided_reverse_step_compiles(report):
+    """The GUIDED path of the reverse step (classifier-free guidance's second prediction, an
+    image-dtype pointer, and the fp32 scale), every dtype and arch, vectorised like pred."""
+    guided = [c for c in kernels(report) if c.get("guided")]
+    assert {(c["kernel"], c["dtype"], c["sm"]) for c in guided} == {
+        ("reverse_step", d, s) for d in ("fp32", "bf16", "fp16") for s in (80, 90)
+    }
+    assert not [c for c in guided if "error" in c]

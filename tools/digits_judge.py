@@ -26,6 +26,12 @@ Usage (from a checkout, with fastdiff installed)::
     python tools/digits_judge.py runs/digits --table steps -n 1000   # FD vs steps (STEPS_TABLE):
                                                              # ddim / dpm++2m at 5..50 steps
     python tools/digits_judge.py runs/digits --eval-loss     # the low-noise training proxy
+    python tools/digits_judge.py runs/digits-cond --guidance-table --sampler ddim --steps 100
+
+``--guidance-table`` (a class-conditional run): for each guidance scale in GUIDANCE_SCALES,
+``--per-class`` images of every class, asked for with ``labels=``; the class accuracy (the
+fraction the judge assigns to the class asked for), per class and its minimum, and the FD of
+all of them; then the FD of as many null-class (unconditional) samples.
 
 ``--eval-loss`` needs no sampling: the noise-prediction loss of the checkpoint's EMA model on
 all 1797 digits with 4 fixed (t, eps) draws each (seeded), i.e. the training objective with
@@ -33,8 +39,8 @@ its sampling noise removed, which ranks checkpoints of one data set far more ste
 200-image FD does.
 
 Importable: ``train_judge``, ``judge_images``, ``frechet_distance``, ``reference_scores``,
-``sample_images``, ``eval_loss``.  Not a test and not a benchmark: plain ``pytest`` does not
-collect it.
+``sample_images``, ``eval_loss``, ``class_accuracy``, ``run_guidance_table``.  Not a test
+and not a benchmark: plain ``pytest`` does not collect it.
 """
 
 from __future__ import annotations
@@ -335,6 +341,60 @@ def run_table(
         _print_row(label, result, time.perf_counter() - start, as_json)
 
 
+#: The guidance scales of ``--guidance-table`` (s of eps_u + s (eps_c - eps_u)).
+GUIDANCE_SCALES = (0.0, 1.0, 2.0, 3.0, 5.0)
+
+
+@torch.no_grad()
+def class_accuracy(images, labels: torch.Tensor, net: JudgeNet, num_classes: int) -> list[float]:
+    """Per class c: the fraction of the images asked for as c that the judge assigns to c."""
+    with _one_thread():
+        predicted = net(_as_judge_input(images)).argmax(1)
+    hits = predicted == labels
+    return [float(hits[labels == c].float().mean()) for c in range(num_classes)]
+
+
+def run_guidance_table(checkpoint, net: JudgeNet, per_class: int = 20, seed: int = 0,
+                       scales=GUIDANCE_SCALES, as_json: bool = False, **sample_kwargs):  # fmt: skip
+    """Class accuracy and FD of a conditional checkpoint's samples against the guidance scale,
+    and the FD of its null-class samples; a markdown table (or JSON lines)."""
+    from fastdiff import load, sample
+
+    diffusion = load(checkpoint, device="cpu")
+    k = diffusion.num_classes
+    if k is None or k > 10:
+        raise ValueError(f"checkpoint: expected a class-conditional digits model, got {k=}")
+    labels = torch.arange(k).repeat_interleave(per_class)
+    if not as_json:
+        print(f"| guidance scale ({per_class} per class, seed {seed}) | min class accuracy |"
+              " mean | per class 0-9 | FD | time |")  # fmt: skip
+        print("|---|---|---|---|---|---|")
+    rows = [(f"s = {s:g}", dict(labels=labels, guidance_scale=s)) for s in scales]
+    rows.append(("null class (labels=None)", dict(labels=None)))
+    for name, kw in rows:
+        start = time.perf_counter()
+        images = sample(diffusion, len(labels), seed=seed, **kw, **sample_kwargs).cpu()
+        result = judge_images(images, net)
+        if kw["labels"] is not None:
+            result["accuracy"] = class_accuracy(images, labels, net, k)
+        seconds = time.perf_counter() - start
+        if as_json:
+            print(json.dumps({"name": name, **result, "seconds": seconds}), flush=True)
+            continue
+        acc = result.get("accuracy")
+        cells = (
+            ("-", "-", "-")
+            if acc is None
+            else (
+                f"{min(acc):.3f}",
+                f"{sum(acc) / len(acc):.3f}",
+                " ".join(f"{a:.2f}" for a in acc),
+            )
+        )
+        print(f"| {name} | {' | '.join(cells)} | {result['fd']:.2f} | {seconds:.0f} s |",
+              flush=True)  # fmt: skip
+
+
 def _print_row(label: str, result: dict, seconds: float | None, as_json: bool) -> None:
     if as_json:
         print(json.dumps({"name": label, **result, "seconds": seconds}), flush=True)
@@ -382,6 +442,12 @@ def main(argv=None) -> int:
     p.add_argument(
         "--eval-loss", action="store_true", help="print the EMA model's fixed-noise eval loss"
     )
+    p.add_argument(
+        "--guidance-table",
+        action="store_true",
+        help="conditional run: class accuracy and FD against the guidance scale (markdown)",
+    )
+    p.add_argument("--per-class", type=int, default=20, help="--guidance-table images [20]")
     args = p.parse_args(argv)
     if not args.source and not args.reference:
         p.error("give a run directory, checkpoint or .npz, or --reference")
@@ -391,6 +457,16 @@ def main(argv=None) -> int:
         print(f"{args.source}: eval loss {eval_loss(args.source):.5f}")
         return 0
     net = train_judge(verbose=not args.json)
+    if args.guidance_table:
+        if not args.source or str(args.source).endswith(".npz"):
+            p.error("--guidance-table needs a conditional run directory or checkpoint")
+        run_guidance_table(
+            args.source, net, per_class=args.per_class, seed=args.seed, as_json=args.json,
+            sampler=args.sampler, steps=args.steps, variance=args.variance, eta=args.eta,
+            clip_x0={"auto": None, "on": True, "off": False}[args.clip],
+            clip_rule=args.clip_rule,
+        )  # fmt: skip
+        return 0
     if args.table:
         if not args.source or str(args.source).endswith(".npz"):
             p.error("--table needs a run directory or checkpoint to sample")

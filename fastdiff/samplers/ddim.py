@@ -41,7 +41,9 @@ class DDIM:
             return "DDIM with eta > 0 draws its noise on the host"
         return None
 
-    def update(self, buf, pred) -> None:
+    def update(self, buf, pred, pred_uncond=None, guidance_scale: float = 1.0) -> None:
+        """z <- the step from pred (guided: pred_uncond + guidance_scale (pred -
+        pred_uncond), formed in the fused kernel), in place; t (and k) advanced."""
         t_prev = self.prev_step[buf.t]
         ops.ddim_step(
             buf.z,
@@ -55,5 +57,7 @@ class DDIM:
             clip_rule=self.spec.clip_rule,
             validate=False,
             out=buf.z,
+            pred_uncond=pred_uncond,
+            guidance_scale=guidance_scale,
         )
         buf.t.copy_(t_prev)

@@ -31,7 +31,9 @@ class DDPM:
     def unavailable(self) -> str | None:
         return None
 
-    def update(self, buf, pred) -> None:
+    def update(self, buf, pred, pred_uncond=None, guidance_scale: float = 1.0) -> None:
+        """z <- the step from pred (guided: pred_uncond + guidance_scale (pred -
+        pred_uncond), formed in the fused kernel), in place; t (and k) advanced."""
         ops.reverse_step(
             buf.z,
             pred,
@@ -42,5 +44,7 @@ class DDPM:
             clip_x0=self.spec.clip_x0,
             validate=False,
             out=buf.z,
+            pred_uncond=pred_uncond,
+            guidance_scale=guidance_scale,
         )
         buf.t.sub_(1)

@@ -96,7 +96,9 @@ class DPMSolver2M:
     def unavailable(self) -> str | None:
         return None
 
-    def update(self, buf, pred) -> None:
+    def update(self, buf, pred, pred_uncond=None, guidance_scale: float = 1.0) -> None:
+        """z <- the step from pred (guided: pred_uncond + guidance_scale (pred -
+        pred_uncond), formed in the fused kernel), in place; t (and k) advanced."""
         ops.dpm_solver_step(
             buf.z,
             pred,
@@ -106,6 +108,8 @@ class DPMSolver2M:
             clip_x0=self.spec.clip_x0,
             validate=False,
             out=buf.z,
+            pred_uncond=pred_uncond,
+            guidance_scale=guidance_scale,
         )
         buf.t.copy_(self.next_t[buf.k].expand_as(buf.t))
         buf.k.add_(1)

@@ -10,6 +10,12 @@ samplers, the history ``x0`` (the previous step's x0 prediction, like z).  One s
                                                      t and the sampler's own counters);
     seed += 1
 
+A class-conditional model (``Guidance``, samplers.guidance) also has the labels y (B,) in the
+buffers: the model call is model(z, t, y), or for a guidance scale s != 1 one call on the 2B
+rows [z; z], [t; t], [y; null] whose halves go to the fused update as ``pred`` and
+``pred_uncond`` (the kernel forms eps_u + s (eps_c - eps_u)).  The guided step is still one
+captured graph; the labels are copied into their static buffer before the replays.
+
 and every per-step quantity the update needs is read from device tables indexed by t or k.
 Because nothing is decided on the host between steps, the step is captured once as a CUDA
 graph and replayed once per step, and it produces exactly the images of the eager loop, which
@@ -39,6 +45,7 @@ from ..progress import progress_bar
 from ..schedule import NoiseSchedule
 from ..validation import require_int
 from . import ddim, ddpm, dpm_solver
+from .guidance import Guidance
 from .spec import SamplerSpec
 
 #: The sampler classes by SamplerSpec.name.
@@ -50,14 +57,36 @@ BATCH_STRIDE, SEED_STRIDE = 2**20, 2**32
 
 class StepBuffers:
     """The static state of one sampling batch, on z's device: latents z, step indices t (B,),
-    seed (1,), step counter k (1,), and with ``history`` the previous x0 prediction (like z)."""
+    seed (1,), step counter k (1,), with ``history`` the previous x0 prediction (like z), and
+    with ``guidance`` the labels y (B,) (``labels``, else the null class) and, for a batched
+    (s != 1) guidance, the 2B labels [y; null] of the doubled model call."""
 
-    def __init__(self, z: torch.Tensor, first_step: int, seed: int, history: bool = False):
+    def __init__(
+        self, z: torch.Tensor, first_step: int, seed: int, history: bool = False,
+        guidance: Guidance | None = None, labels: torch.Tensor | None = None,
+    ):  # fmt: skip
         self.z = z
         self.t = torch.full((z.shape[0],), first_step, dtype=torch.long, device=z.device)
         self.seed = torch.full((1,), seed, dtype=torch.long, device=z.device)
         self.k = torch.zeros((1,), dtype=torch.long, device=z.device)
         self.x0 = torch.zeros_like(z) if history else None
+        self.y = self.y2 = None
+        if guidance is not None:
+            self.null = guidance.num_classes
+            self.y = torch.full_like(self.t, self.null)
+            self.y2 = torch.cat([self.y, self.y]) if guidance.batched else None
+            self.set_labels(labels)
+
+    def set_labels(self, labels: torch.Tensor | None) -> None:
+        """Copy a batch's labels (None: the null class) into the static label buffers."""
+        if self.y is None:
+            return
+        if labels is None:
+            self.y.fill_(self.null)
+        else:
+            self.y.copy_(labels)
+        if self.y2 is not None:
+            self.y2[: self.y.shape[0]].copy_(self.y)
 
     def _buffers(self) -> tuple[torch.Tensor, ...]:
         return tuple(b for b in (self.z, self.t, self.seed, self.k, self.x0) if b is not None)
@@ -91,6 +120,7 @@ class SamplerRunner:
         *,
         precision: Precision,
         channels_last: bool,
+        guidance: Guidance | None = None,
     ):
         if spec.clip_x0 is None or spec.variance is None:
             raise ValueError("spec: resolve clip_x0 and variance first (SamplerSpec.for_model)")
@@ -101,6 +131,7 @@ class SamplerRunner:
         self.method = METHODS[spec.name](schedule, spec)
         self.precision = precision
         self.channels_last = channels_last
+        self.guidance = guidance
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, StepBuffers]] = {}
         self.graph_failed = False  # a capture failed: this sampler runs eagerly from now on
 
@@ -120,9 +151,11 @@ class SamplerRunner:
     def capturable(self) -> bool:
         return self.method.unavailable() is None
 
-    def buffers(self, z: torch.Tensor, seed: int) -> StepBuffers:
-        """Fresh step buffers for a chain starting from z (used as the latents buffer)."""
-        return StepBuffers(z, self.timesteps[0], seed, history=self.method.needs_history)
+    def buffers(self, z: torch.Tensor, seed: int, labels=None) -> StepBuffers:
+        """Fresh step buffers for a chain starting from z (used as the latents buffer), with
+        the batch's labels for a conditional model (None: the null class)."""
+        return StepBuffers(z, self.timesteps[0], seed, history=self.method.needs_history,
+                           guidance=self.guidance, labels=labels)  # fmt: skip
 
     def graph_unavailable(self, device: torch.device) -> str | None:
         """Why this sampler's step cannot be captured on ``device`` (None: it can)."""
@@ -133,12 +166,27 @@ class SamplerRunner:
             return "an earlier capture of this sampler's step failed"
         return cuda_graphs.unavailable_reason(device)
 
+    def predict(self, buf: StepBuffers) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(eps, None) of the model at the buffers' z, t (and y); guided: (eps_c, eps_u),
+        the halves (views) of one model call on the 2B rows [z; z], [t; t], [y; null]."""
+        g = self.guidance
+        with self.precision.autocast(buf.z.device, cache=False):
+            if g is None:
+                return self.model(buf.z, buf.t), None
+            if not g.batched:
+                return self.model(buf.z, buf.t, buf.y), None
+            B = buf.z.shape[0]
+            pred = self.model(torch.cat([buf.z, buf.z]), torch.cat([buf.t, buf.t]), buf.y2)
+            return pred[:B], pred[B:]
+
     def step(self, buf: StepBuffers) -> None:
         """One step on the static buffers, advancing t, k and the seed in place."""
         with phase("sampler step"):
-            with self.precision.autocast(buf.z.device, cache=False):
-                pred = self.model(buf.z, buf.t)
-            self.method.update(buf, pred)
+            pred, uncond = self.predict(buf)
+            if uncond is None:
+                self.method.update(buf, pred)
+            else:
+                self.method.update(buf, pred, uncond, self.guidance.scale)
             buf.seed.add_(1)
 
     def run_eager(self, buf: StepBuffers, on_step=None) -> torch.Tensor:
@@ -152,12 +200,13 @@ class SamplerRunner:
         return buf.z
 
     def run_graph(
-        self, z0: torch.Tensor, seed: int, on_step=None, strict: bool = False
+        self, z0: torch.Tensor, seed: int, on_step=None, strict: bool = False, labels=None
     ) -> torch.Tensor:
         """Capture the step once for this batch size (cached), then replay it per step;
         ``on_step()`` is called after each replay is queued (the GPU may still be behind).
         If the capture fails (a model that cannot be captured), the chain runs eagerly from
-        z0 after one log line (``cuda_graphs.capture``), or raises when ``strict``."""
+        z0 after one log line (``cuda_graphs.capture``), or raises when ``strict``.
+        ``labels`` (B,): the batch's classes (a conditional model; None: the null class)."""
         B = z0.shape[0]
         with torch.cuda.device(z0.device):  # streams and capture on z0's GPU, not the current
             if B not in self._graphs and not self.graph_failed:
@@ -167,9 +216,10 @@ class SamplerRunner:
                 else:
                     self._graphs[B] = captured
             if self.graph_failed:
-                return self.run_eager(self.buffers(z0.clone(), seed), on_step)
+                return self.run_eager(self.buffers(z0.clone(), seed, labels), on_step)
             graph, buf = self._graphs[B]
             buf.reset(z0, self.timesteps[0], seed)
+            buf.set_labels(labels)
             for _ in range(self.num_steps):
                 graph.replay()
                 if on_step is not None:
@@ -220,8 +270,10 @@ def run_sampler(
     progress: bool = False,
     strict: bool = False,
     latents: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """n images (n, C, H, W) in [-1, 1], float32 on ``device``, batch by batch.
+    """n images (n, C, H, W) in [-1, 1], float32 on ``device``, batch by batch; ``labels``
+    (n,): the class of each image (a conditional model; None: the null class).
 
     Each batch starts from ``initial_noise`` or, given ``latents`` (n, C, H, W) (checked by
     ``check_latents``), from its slice of them.  With ``cuda_graph`` on CUDA the step is
@@ -246,10 +298,12 @@ def run_sampler(
                 z0 = latents[b * batch_size : b * batch_size + size]
                 z0 = z0.to(torch.float32).contiguous(memory_format=fmt).clone()
             step_seed = seed * SEED_STRIDE + b * BATCH_STRIDE
+            y = None if labels is None else labels[b * batch_size : b * batch_size + size]
+            y = None if y is None else y.to(device)
             if use_graph:
-                z = sampler.run_graph(z0, step_seed, on_step=bar.update, strict=strict)
+                z = sampler.run_graph(z0, step_seed, on_step=bar.update, strict=strict, labels=y)
             else:
-                z = sampler.run_eager(sampler.buffers(z0, step_seed), on_step=bar.update)
+                z = sampler.run_eager(sampler.buffers(z0, step_seed, y), on_step=bar.update)
             out.append(z.float().clamp_(-1.0, 1.0).contiguous())
     bar.close()
     return torch.cat(out)

@@ -1,0 +1,253 @@
+"""Class-conditional training and classifier-free guidance end to end.
+
+Training: label dropout to the null class at its rate (binomial bound), inside the captured
+step (its generator registered with the graph: strict capture, replays == eager bitwise),
+exact resume.  Sampling: s = 1 is the conditional model alone, s = 0 the unconditional one,
+any s the guided eps u + s (c - u) of a model written here; one model call on 2B rows per
+step, captured as one graph.  The UNet's class embedding, the checkpoint round trip, the
+CLI.
+"""
+
+import functools
+import math
+
+import pytest
+import torch
+from test_train_graph import max_diff
+from test_training import tiny_data
+from torch import nn
+
+import fastdiff
+from fastdiff import Diffusion, NoiseSchedule, UNet
+from fastdiff.cli import main
+from fastdiff.labels import drop_labels
+from fastdiff.precision import resolve_precision
+from fastdiff.samplers import Guidance, SamplerRunner, SamplerSpec
+
+K = 3
+TINY = dict(preset="tiny", T=20, device="cpu", progress=False, warmup_steps=2,
+            precision="fp32", channels_last=False)  # fmt: skip
+FP32 = resolve_precision("fp32", torch.device("cpu"))
+#: The smallest grid a run with out_dir writes: one image per class, 2 DDIM steps.
+GRID = dict(n_samples=K, sample_sampler="ddim", sample_steps=2)
+
+
+def labelled(n=8):
+    return tiny_data(n=n), torch.arange(n) % K
+
+
+def binomial_ok(k: int, n: int, p: float, sigmas: float = 5.0) -> bool:
+    return abs(k - n * p) <= sigmas * math.sqrt(n * p * (1 - p))
+
+
+# -- training -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_drop_rate_is_within_its_binomial_bound(p):
+    y = torch.arange(20000) % K
+    got = drop_labels(y, p, K, torch.Generator().manual_seed(1))
+    dropped = got == K
+    assert binomial_ok(int(dropped.sum()), y.numel(), p)
+    assert torch.equal(got[~dropped], y[~dropped])  # the others keep their label
+
+
+class Recorder(nn.Module):
+    """A user model with forward(z, t, y) and num_classes: records the labels it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_classes = K
+        self.inner = UNet.preset("tiny", num_classes=K)
+        self.seen = []
+
+    def forward(self, z, t, y):
+        self.seen.append(y.clone())
+        return self.inner(z, t, y)
+
+
+def test_training_drops_labels_at_the_class_dropout_rate():
+    x, y = labelled(8)
+    model = Recorder()
+    fastdiff.train(x, model, conditional=True, labels=y, class_dropout=0.5, steps=4,
+                   batch_size=24, **{k: v for k, v in TINY.items() if k != "preset"})  # fmt: skip
+    seen = torch.cat(model.seen)
+    assert seen.numel() == 4 * 24 and seen.max() <= K
+    assert binomial_ok(int((seen == K).sum()), seen.numel(), 0.5)
+    kept = seen[seen != K].reshape(-1)
+    assert set(kept.tolist()) <= set(range(K))
+
+
+def test_conditional_resume_is_exact(tmp_path):
+    x, y = labelled(6)
+    kw = dict(conditional=True, labels=y, batch_size=2, log_every=2, checkpoint_every=3,
+              lr=1e-3, **TINY, **GRID)  # fmt: skip
+    straight = fastdiff.train(x, steps=6, out_dir=tmp_path / "a", **kw)
+    fastdiff.train(x, steps=3, out_dir=tmp_path / "b", **kw)
+    resumed = fastdiff.train(x, steps=6, out_dir=tmp_path / "b", resume=True, **kw)
+    assert max_diff(straight.model, resumed.model) == 0
+    assert max_diff(straight.ema_model, resumed.ema_model) == 0
+    # the null class and the labels both trained: rows of the class embedding moved
+    assert resumed.model.class_embed.weight.abs().sum(1).gt(0).all()
+    loaded = fastdiff.load(tmp_path / "b", device="cpu")
+    assert loaded.num_classes == K and loaded.model.config["num_classes"] == K
+
+
+def test_captured_conditional_step_equals_the_eager_one(emulated_cuda, monkeypatch):
+    """Strict: the label generator must be registered with the graph (an unregistered one
+    fails the capture), and 3 warm-up steps + capture + 2 replays == 5 eager steps."""
+    monkeypatch.setenv("FASTDIFF_STRICT", "1")
+    x, y = labelled(6)
+    kw = dict(conditional=True, labels=y, class_dropout=0.5, steps=5, batch_size=2, **TINY)
+    replayed = fastdiff.train(x, **kw)
+    assert emulated_cuda.train_captures == 1 and emulated_cuda.replays >= 2
+    emulated_cuda.disable()
+    eager = fastdiff.train(x, **kw)
+    assert max_diff(replayed.model, eager.model) == 0
+    assert max_diff(replayed.ema_model, eager.ema_model) == 0
+
+
+# -- sampling -------------------------------------------------------------------------------
+
+
+def conditional_diffusion(seed=0, T=20):
+    """A tiny conditional UNet with random weights (class rows far apart)."""
+    torch.manual_seed(seed)
+    model = UNet.preset("tiny", num_classes=K)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.1)
+        model.class_embed.weight.normal_(0.0, 3.0)
+    return Diffusion(model.eval(), NoiseSchedule.linear(T), (1, 8, 8))
+
+
+class Fixed(nn.Module):
+    """An unconditional model made from the conditional one, in plain torch: eps at labels y
+    (s = None), or the guided u + s (c - u) in float64 from two separate calls."""
+
+    def __init__(self, model, y, s=None):
+        super().__init__()
+        self.model, self.y, self.s = model, y, s
+
+    def forward(self, z, t):
+        c = self.model(z, t, self.y)
+        if self.s is None:
+            return c
+        u = self.model(z, t).double()
+        return (u + self.s * (c.double() - u)).float()
+
+
+def _sample(d, sampler="ddim", **kw):
+    return fastdiff.sample(d, 4, seed=3, sampler=sampler, steps=4, precision="fp32",
+                           channels_last=False, **kw)  # fmt: skip
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++2m"])
+def test_scale_one_is_the_conditional_model_and_zero_the_unconditional(sampler):
+    d = conditional_diffusion()
+    _sample = functools.partial(globals()["_sample"], sampler=sampler)
+    y = torch.tensor([0, 1, 2, 1])
+    null = torch.full((4,), K)
+    plain = lambda net: Diffusion(net, d.schedule, d.image_shape)  # noqa: E731
+    cond = _sample(d, labels=y, guidance_scale=1.0)
+    assert torch.equal(cond, _sample(plain(Fixed(d.model, y))))  # the same B-row calls
+    uncond = _sample(d, labels=y, guidance_scale=0.0)
+    want = _sample(plain(Fixed(d.model, null)))
+    # the 2B-row call may round differently from a B-row one (oneDNN blocking): fp32 level
+    torch.testing.assert_close(uncond, want, rtol=0, atol=1e-5)
+    assert (cond - uncond).abs().max() > 0.01  # the labels matter (1000x the tolerance)
+    assert torch.equal(_sample(d), _sample(plain(Fixed(d.model, null))))  # labels=None: null
+    guided = _sample(d, labels=y, guidance_scale=3.0)
+    torch.testing.assert_close(guided, _sample(plain(Fixed(d.model, y, 3.0))), rtol=0, atol=1e-4)
+
+
+class CallCounter(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.num_classes, self.batches = model, K, []
+
+    def forward(self, z, t, y):
+        self.batches.append((z.shape[0], y.clone()))
+        return self.model(z, t, y)
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim", "dpm++2m"])
+def test_guided_step_is_one_captured_graph_with_one_2b_model_call(emulated_cuda, kind):
+    """Every sampler: the guided step (one model call on 2B rows, the fused update forming the
+    guided eps) is captured once and replayed; replays equal the eager chain bit for bit."""
+    d = conditional_diffusion(T=4)
+    counter = CallCounter(d.model)
+    spec = SamplerSpec(kind, None if kind == "ddpm" else 2, clip_x0=False, variance="beta")
+    sampler = SamplerRunner(counter, d.schedule, spec, precision=FP32, channels_last=False,
+                            guidance=Guidance(K, 3.0))  # fmt: skip
+    z0 = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([2, 0])
+    with torch.inference_mode():
+        eager = sampler.run_eager(sampler.buffers(z0.clone(), 7, y)).clone()
+        counter.batches.clear()
+        graph = sampler.run_graph(z0, 7, labels=y, strict=True)
+        again = sampler.run_graph(z0, 7, labels=torch.tensor([1, 1]), strict=True)
+    assert emulated_cuda.captures == 1 and emulated_cuda.replays == 2 * sampler.num_steps
+    assert torch.equal(graph, eager) and not torch.equal(again, eager)
+    # warm-up and capture (with placeholder labels, copied in before each replay): each step
+    # one call on 2B rows, labels [y; null]
+    assert counter.batches and all(b == 4 for b, _ in counter.batches)
+    assert all(labels[2:].tolist() == [K, K] for _, labels in counter.batches)
+
+
+@pytest.mark.parametrize(
+    "model_kind, kwargs, error, match",
+    [
+        ("cond", dict(labels=[0, 1, 3, 0]), ValueError, r"labels: expected labels in 0..2"),
+        ("cond", dict(labels=[0, 1]), ValueError, r"labels: expected one label per image"),
+        ("cond", dict(labels=1, guidance_scale=float("inf")), ValueError, "guidance_scale"),
+        ("cond", dict(labels=1, guidance_scale="2"), TypeError, "guidance_scale"),
+        ("plain", dict(labels=1), ValueError, "labels: this model is unconditional"),
+        ("plain", dict(guidance_scale=3.0), ValueError, "guidance_scale: needs a class-cond"),
+    ],
+)
+def test_bad_sampling_arguments_are_named(model_kind, kwargs, error, match):
+    if model_kind == "cond":
+        d = conditional_diffusion()
+    else:
+        d = Diffusion(UNet.preset("tiny"), NoiseSchedule.linear(20), (1, 8, 8))
+    with pytest.raises(error, match=match):
+        _sample(d, **kwargs)
+
+
+def test_cli_conditional_train_sample_and_eval(tmp_path, capsys):
+    import numpy as np
+
+    x, y = labelled(6)
+    npz = tmp_path / "d.npz"
+    np.savez(npz, images=x.numpy(), labels=y.numpy())
+    run = tmp_path / "run"
+    args = ["train", "--data", str(npz), "--out", str(run), "--steps", "2", "--batch-size", "2",
+            "--preset", "tiny", "--T", "10", "--conditional", "--class-dropout", "0.2",
+            "--n-samples", "6", "--sample-steps", "2", "--no-progress", "--precision", "fp32",
+            "--channels-last", "off"]  # fmt: skip
+    assert main(args) == 0
+    assert fastdiff.load(run, device="cpu").num_classes == K
+    out = tmp_path / "g.npz"
+    args = ["sample", str(run), "--label", "all", "-n", "6", "--sampler", "ddim", "--steps",
+            "2", "--guidance-scale", "2", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    assert np.load(out)["images"].shape == (6, 1, 8, 8)  # one row of 2 per class
+    capsys.readouterr()
+    assert main(["eval", str(run), "--data", str(npz), "-n", "2", "--no-progress"]) == 0
+    assert "conditional on the data's labels" in capsys.readouterr().out
+    assert main(["sample", str(run), "--label", "5", "--out", str(out), "--no-progress"]) == 2
+
+
+def test_conditional_elbo_uses_the_labels():
+    """bits_per_dim(labels=y) is the bound of the model at y (Fixed, written here), and
+    differs from the null class's."""
+    from fastdiff.elbo import bits_per_dim
+
+    d = conditional_diffusion(T=4)
+    x, y = labelled(4)
+    got = bits_per_dim(d, x, labels=y, batch_size=4)
+    want = bits_per_dim(Diffusion(Fixed(d.model, y), d.schedule, d.image_shape), x, batch_size=4)
+    assert got["conditional"] and not want["conditional"]
+    assert got["bits_per_dim"] == pytest.approx(want["bits_per_dim"], rel=1e-6)
+    assert abs(bits_per_dim(d, x, batch_size=4)["bits_per_dim"] - got["bits_per_dim"]) > 1e-3
