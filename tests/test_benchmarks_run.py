@@ -22,7 +22,7 @@ def test_benchmark_suite_runs_once():
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=1200,
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from fastdiff import Diffusion, NoiseSchedule, elbo, sampling
+from fastdiff import Diffusion, NoiseSchedule, elbo
+from fastdiff.samplers import runner
 
 
 class CountingModel(nn.Module):
@@ -40,7 +41,7 @@ def recorded(monkeypatch):
         log.append(("bar", total, kwargs["desc"]))
         return RecordingBar(log, total)
 
-    monkeypatch.setattr(sampling, "progress_bar", fake_bar)
+    monkeypatch.setattr(runner, "progress_bar", fake_bar)
     monkeypatch.setattr(elbo, "progress_bar", fake_bar)
     diffusion = Diffusion(CountingModel(log), NoiseSchedule.linear(6), (1, 4, 4))
     return log, diffusion

@@ -49,7 +49,7 @@ P, Q, A, B, C = range(5)
 
 def dpm_timesteps(T: int, steps: int | None) -> list[int]:
     """diffusers' "linspace" spacing: round(linspace(0, T-1, N+1)) reversed, without the 0."""
-    n = steps or DEFAULT_STEPS["dpm++2m"]
+    n = steps or min(DEFAULT_STEPS["dpm++2m"], T - 1)
     return [int(t) for t in np.linspace(0, T - 1, n + 1).round()[::-1][:-1]]
 
 

@@ -19,7 +19,7 @@ from ..labels import check_labels
 
 #: sample()'s guidance scale for a class-conditional model when none is given: chosen from
 #: the class-accuracy / judge-FD table in docs/PERFORMANCE.md ("Classifier-free guidance").
-DEFAULT_GUIDANCE_SCALE = 3.0
+DEFAULT_GUIDANCE_SCALE = 2.0
 
 
 @dataclass(frozen=True)
