@@ -262,8 +262,9 @@ def test_cli_sample_clip_flags(tmp_path, monkeypatch, capsys):
             ["--sampler", "ddim", "--steps", "20", "--no-clip"],
             dict(sampler="ddim", steps=20, clip_x0=False),
         ),
-        ([], dict()),
-        (["--clip"], dict(clip_x0=True)),
+        (["--sampler", "ddpm"], dict()),
+        (["--sampler", "ddpm", "--clip"], dict(clip_x0=True)),
+        ([], dict(sampler="dpm++2m")),  # the CLI's default sampler (the API's is ddpm)
     ]
     results = []
     for flags, kwargs in cases:

@@ -17,7 +17,7 @@ from helpers import own_features, save_fake_inception, scipy_fid
 
 import fastdiff
 from fastdiff import checkpoint as ckpt
-from fastdiff import inception
+from fastdiff import inception, metrics
 from fastdiff.cli import main
 from fastdiff.inception import WeightsUnavailable
 
@@ -65,8 +65,10 @@ def test_fid_every_logs_the_ema_models_fid_and_the_best_step(
     images = np.load(npz)["images"][:N_FID]
     ref = own_features(env, torch.from_numpy(images).double() / 127.5 - 1)
 
+    name, steps = metrics.default_sampler(d.schedule.T)  # what fid_every samples with
+
     def fid_of(use_ema):
-        x = fastdiff.sample(d, N_FID, sampler="ddim", steps=2, seed=0, use_ema=use_ema)
+        x = fastdiff.sample(d, N_FID, sampler=name, steps=steps, seed=0, use_ema=use_ema)
         return scipy_fid(own_features(env, x), ref)
 
     ema, raw = fid_of(True), fid_of(False)
@@ -79,10 +81,10 @@ def test_fid_every_logs_the_ema_models_fid_and_the_best_step(
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["fid"] == pytest.approx(records[-1]["fid"], rel=1e-6)
     assert result["kid"] == pytest.approx(records[-1]["kid"], rel=1e-6)
-    assert (result["n"], result["ref_n"], result["sampler"], result["steps"]) == (6, 6, "ddim", 2)
+    assert (result["n"], result["ref_n"], result["sampler"], result["steps"]) == (6, 6, name, steps)
     assert main(args) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith(f"FID {result['fid']:.4f} (6 samples, ddim 2 steps")
+    assert lines[0].startswith(f"FID {result['fid']:.4f} (6 samples, {name} {steps} steps")
     assert lines[1].startswith(f"KID {result['kid']:.6f} +- ")
 
 
