@@ -7,6 +7,7 @@ compiled kernels on CUDA tensors instead (helpers.DEVICE).
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -114,3 +115,12 @@ class EmulatedCuda:
 def emulated_cuda(monkeypatch):
     pytest.importorskip("triton")
     return EmulatedCuda(monkeypatch)
+
+
+@pytest.fixture
+def npz(tmp_path):
+    """A tiny .npz data set: 8 random uint8 images (8, 1, 8, 8) under ``images``."""
+    path = tmp_path / "data.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, images=rng.integers(0, 256, (8, 1, 8, 8), dtype=np.uint8))
+    return path

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from fastdiff.cli import main
@@ -27,14 +26,6 @@ TINY = [
     "--log-every",
     "1",
 ]
-
-
-@pytest.fixture
-def npz(tmp_path):
-    path = tmp_path / "data.npz"
-    rng = np.random.default_rng(0)
-    np.savez(path, images=rng.integers(0, 256, (8, 1, 8, 8), dtype=np.uint8))
-    return path
 
 
 def test_train_then_sample(tmp_path, npz, capsys):

@@ -36,14 +36,6 @@ def env(monkeypatch, tmp_path):
     return net
 
 
-@pytest.fixture
-def npz(tmp_path):
-    path = tmp_path / "data.npz"
-    rng = np.random.default_rng(0)
-    np.savez(path, images=rng.integers(0, 256, (8, 1, 8, 8), dtype=np.uint8))
-    return path
-
-
 def fid_records(out):
     return [r for r in map(json.loads, open(out / "metrics.jsonl")) if "fid" in r]
 
