@@ -57,6 +57,10 @@ from fastdiff.training import TrainConfig, _Run, _schedule, model_for_data
 
 NO_CUDA_REASON = "CUDA is not available: the CUDA train/sample benchmark cases need a GPU"
 SAMPLE_T = 20
+#: Under --benchmark-disable (tests/test_benchmarks_run.py runs every benchmark once to show
+#: that it runs; nothing is timed) the CPU cases shrink to this batch and these sampling
+#: steps: the same code paths at a tenth of the cost.
+SMOKE_BATCH, SMOKE_T = 8, 3
 DATA_IMAGES = 256  # the in-memory data set: a few batches of random images in [-1, 1]
 SEED = 0
 #: The training settings of the fastdiff CLI's defaults (warm-up 200 steps, the rest as train()).
@@ -186,6 +190,13 @@ def _params(cases):
     return out
 
 
+def _sized(case: Case, benchmark) -> tuple[Case, int]:
+    """(case, sampling steps): as declared when timing; CPU cases at the smoke size when not."""
+    if benchmark.enabled or case.device != "cpu":
+        return case, SAMPLE_T
+    return dataclasses.replace(case, batch=SMOKE_BATCH), SMOKE_T
+
+
 def _check_supported(case: Case) -> None:
     if case.device == "cuda" and case.precision == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("this CUDA device does not support bf16")
@@ -293,6 +304,7 @@ def test_train_step(measure_rounds, benchmark, base_model, data_set, case):
         # tests/test_compile.py trains with compile=True on CPU; here the untimed single run
         # would spend minutes in Inductor's C++ compilation (about 2 min on 2 cores).
         pytest.skip("compile=True on CPU is only run when timing (--benchmark-only)")
+    case, _ = _sized(case, benchmark)
     run = _fastdiff_run(case, base_model(case), data_set(case))
     prec = run.prec
     # The eager side borrows the run's model, batch source and settings, nothing else.
@@ -349,11 +361,12 @@ def _eager_sampler(model, schedule, prec, case: Case):
 
 
 @pytest.mark.parametrize("case", _params(SAMPLE_CASES))
-def test_sample(measure_rounds, base_model, case):
+def test_sample(measure_rounds, benchmark, base_model, case):
     _check_supported(case)
+    case, steps = _sized(case, benchmark)
     dev = torch.device(case.device)
     prec = resolve_precision(case.precision, dev)
-    schedule = NoiseSchedule.linear(SAMPLE_T).to(dev)
+    schedule = NoiseSchedule.linear(steps).to(dev)
     model = base_model(case).to(dev, memory_format=memory_format(case.channels_last))
     model.eval().requires_grad_(False)
     if case.impl == "eager":
@@ -368,15 +381,15 @@ def test_sample(measure_rounds, base_model, case):
 
     images = measure_rounds(
         fn,
-        group=case.group(f"sample T={SAMPLE_T}"),
+        group=case.group(f"sample T={steps}"),
         side=case.id.split(f"b{case.batch}-", 1)[1],
         device=case.device,
         rounds=case.rounds,
         warmup_rounds=case.warmup_rounds,
-        derive=lambda median: {"s_per_step": median / SAMPLE_T},
+        derive=lambda median: {"s_per_step": median / steps},
         attrs=case.attrs(),
         what="sample",
-        steps=SAMPLE_T,
+        steps=steps,
         **case.info(prec),
     )
     assert images.shape == (case.batch, *case.image_shape)
@@ -407,13 +420,14 @@ GUIDANCE_CASES = [
         for c, s in GUIDANCE_CASES
     ],
 )
-def test_guided_sample(measure_rounds, case, scale):
+def test_guided_sample(measure_rounds, benchmark, case, scale):
     from fastdiff.samplers import Guidance, SamplerRunner, SamplerSpec
 
     _check_supported(case)
+    case, steps = _sized(case, benchmark)
     dev = torch.device(case.device)
     prec = resolve_precision(case.precision, dev)
-    schedule = NoiseSchedule.linear(SAMPLE_T).to(dev)
+    schedule = NoiseSchedule.linear(steps).to(dev)
     torch.manual_seed(SEED)
     model = model_for_data(case.image_shape, case.preset, num_classes=10)
     model.to(dev, memory_format=memory_format(case.channels_last)).eval().requires_grad_(False)
@@ -430,15 +444,15 @@ def test_guided_sample(measure_rounds, case, scale):
 
     images = measure_rounds(
         fn,
-        group=case.group(f"guided sample T={SAMPLE_T}"),
+        group=case.group(f"guided sample T={steps}"),
         side=f"{case.id.split(f'b{case.batch}-', 1)[1]}-s{scale:g}",
         device=case.device,
         rounds=case.rounds,
         warmup_rounds=case.warmup_rounds,
-        derive=lambda median: {"s_per_step": median / SAMPLE_T},
+        derive=lambda median: {"s_per_step": median / steps},
         attrs={**case.attrs(), "guidance": "batched 2B" if scale != 1.0 else "off (s = 1)"},
         what="sample",
-        steps=SAMPLE_T,
+        steps=steps,
         guidance_scale=scale,
         **case.info(prec),
     )

@@ -34,6 +34,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from fastdiff.kernels import common, group_norm  # noqa: E402
+from fastdiff.kernels.dpm_solver import dpm_solver_step_kernel  # noqa: E402
 from fastdiff.kernels.noise_loss import noise_loss_bwd_kernel, noise_loss_fwd_kernel  # noqa: E402
 from fastdiff.kernels.q_sample import q_sample_kernel  # noqa: E402
 from fastdiff.kernels.reverse_step import reverse_step_kernel  # noqa: E402
@@ -52,8 +53,9 @@ IMAGE_POINTERS = {
     "grad_ptr",
     "dout_ptr",
     "dx_ptr",
+    "x0_ptr",
 }
-INT64_POINTERS = {"t_ptr", "seed_ptr"}
+INT64_POINTERS = {"t_ptr", "seed_ptr", "step_ptr"}
 NOISE_KERNELS = {
     "q_sample": q_sample_kernel,
     "noise_loss_fwd": noise_loss_fwd_kernel,
@@ -69,6 +71,9 @@ NOISE_CASES = (
     ("generic_nhwc", (8, 3, 17, 13), True, True, (90,)),
     ("explicit_noise", (64, 3, 256, 256), True, False, ARCHS),
 )
+#: The DPM-Solver++ step reads no noise, so every dense tensor is one flat tile (LAYOUT 0,
+#: whatever its memory format): plain, with x0 clipping, and guided, for every dtype and arch.
+DPM_VARIANTS = ({}, {"CLIP_X0": True}, {"GUIDED": True})
 APPROX = re.compile(r"\b(?:lg2|ex2|sin|cos|sqrt|rsqrt|rcp|div|tanh)\.(?:approx|full|rn)[.\w]*")
 
 
@@ -189,10 +194,27 @@ def noise_cases(archs):
             yield {**report, "guided": True}, fn, DTYPES[dtype], cfg, cap, warps, scalars, aligned
 
 
+def dpm_cases(archs):
+    fn = dpm_solver_step_kernel
+    for dtype, cap, flags in itertools.product(DTYPES, archs, DPM_VARIANTS):
+        like = torch.empty((64, 3, 256, 256), dtype=DTYPES[dtype], device="meta")
+        args = common.layout_args(like, seeded=False)
+        args.pop("grid")
+        warps = args.pop("num_warps")
+        constexprs = {k: v for k, v in args.items() if k.isupper()}
+        constexprs.update({"CLIP_X0": False, "GUIDED": False, **flags})
+        elems = args["ROWS"] * args["W"] * args["NCH"] / (32 * warps)
+        report = {"kernel": "dpm_solver_step", "dtype": dtype, "sm": cap, "tile": "dense",
+                  "seeded": False, "num_warps": warps, "elems_per_thread": elems,
+                  **{k.lower(): True for k in flags}}  # fmt: skip
+        aligned = ("n_per",) if args["n_per"] % 16 == 0 else ()
+        yield report, fn, DTYPES[dtype], constexprs, cap, warps, {"scale": "fp32"}, aligned
+
+
 def main() -> None:
     archs = (90,) if "--quick" in sys.argv else ARCHS
     report = [{"probe": "philox_call", "sm": cap, **philox_probe(cap)} for cap in archs]
-    cases = list(noise_cases(archs))
+    cases = list(noise_cases(archs)) + list(dpm_cases(archs))
     for name, dtype, cap in itertools.product(group_norm.GROUP_NORM_KERNELS, DTYPES, archs):
         case = group_norm.aot_case(name, DTYPES[dtype])
         if case is not None:

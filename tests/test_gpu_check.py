@@ -24,17 +24,49 @@ def test_gpu_check_smoke_run(tmp_path):
     assert (tmp_path / "out" / "bench.json").is_file()
 
 
-def collected(path: str, k: str) -> set[str]:
-    """The benchmark ids ``pytest --collect-only -k k`` selects in benchmarks/<path>."""
+#: A pytest plugin for a collect-only child over benchmarks/: for each (file, -k expression) in
+#: FASTDIFF_SELECT_IN, the ids pytest itself would run (its own keyword matcher and expression
+#: parser, as ``pytest benchmarks/<file> -k <expr>`` applies them), so that one collection
+#: answers every part instead of one child process per expression.
+_SELECT = """
+import json, os
+from _pytest.mark import KeywordMatcher
+from _pytest.mark.expression import Expression
+
+def pytest_collection_finish(session):
+    queries = json.loads(os.environ["FASTDIFF_SELECT_IN"])
+    out = []
+    for path, k in queries:
+        expr = Expression.compile(k)
+        out.append(sorted(
+            item.name for item in session.items
+            if item.path.name == path and expr.evaluate(KeywordMatcher.from_item(item))
+        ))
+    with open(os.environ["FASTDIFF_SELECT_OUT"], "w") as f:
+        json.dump(out, f)
+"""
+
+
+def collected_many(tmp_path: Path, queries: list[tuple[str, str]]) -> list[set[str]]:
+    """For each (file, k): the benchmark ids ``pytest benchmarks/<file> -k k`` selects, from one
+    ``pytest --collect-only benchmarks`` child."""
+    import json
+
+    (tmp_path / "select_probe.py").write_text(_SELECT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
+    env["FASTDIFF_SELECT_IN"] = json.dumps(queries)
+    env["FASTDIFF_SELECT_OUT"] = str(tmp_path / "selected.json")
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-         str(ROOT / "benchmarks" / path), "-k", k],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+         "-p", "select_probe", str(ROOT / "benchmarks")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    return {ln.split("::")[-1] for ln in proc.stdout.splitlines() if "::" in ln}
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return [set(ids) for ids in json.loads((tmp_path / "selected.json").read_text())]
 
 
-def test_bench_parts_select_the_cuda_cases_once():
+def test_bench_parts_select_the_cuda_cases_once(tmp_path):
     """The parts' -k expressions (CUDA cases are collected, then skipped, on a CPU): the
     default parts pick the op table, the 6 core training cases and every CUDA sampling case;
     with --full's parts, every CUDA training case is in exactly one part."""
@@ -43,18 +75,25 @@ def test_bench_parts_select_the_cuda_cases_once():
         import gpu_check
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    got = {name: collected(path, k) for name, path, k, _ in gpu_check.BENCH_PARTS
-           + gpu_check.FULL_PARTS}  # fmt: skip
+    parts = gpu_check.BENCH_PARTS + gpu_check.FULL_PARTS
+    references = [
+        ("test_bench_train_sample.py", "test_train_step and cuda"),
+        ("test_bench_train_sample.py", "test_sample and cuda"),
+        ("test_bench_ops.py", "cuda"),
+    ]
+    *selected, train, sample, ops = collected_many(
+        tmp_path, [(path, k) for _, path, k, _ in parts] + references
+    )
+    got = {name: ids for (name, *_), ids in zip(parts, selected, strict=True)}
     if importlib.util.find_spec("diffusers") is None:  # its benchmark module skips itself
         assert got.pop("bench-diffusers") == set()
     assert all(got.values()), got
     assert all("cuda" in i for ids in got.values() for i in ids)
     core = got["bench-train"]
     assert len(core) == 6 and all("bf16-channels_last" in i for i in core), core
-    train = collected("test_bench_train_sample.py", "test_train_step and cuda")
     assert core | got["bench-train-more"] == train and not core & got["bench-train-more"]
-    assert got["bench-sample"] == collected("test_bench_train_sample.py", "test_sample and cuda")
-    assert got["bench-ops"] == collected("test_bench_ops.py", "cuda")
+    assert got["bench-sample"] == sample
+    assert got["bench-ops"] == ops
 
 
 #: A pytest plugin for a collect-only child: writes, for every collected test, whether it is

@@ -18,6 +18,8 @@ pytest.importorskip("triton")
 
 SCRIPT = Path(__file__).with_name("aot_compile.py")
 NOISE_KERNELS = {"q_sample", "noise_loss_fwd", "noise_loss_bwd", "reverse_step"}
+#: Kernels of the memory-bound family that read no noise at all.
+NOISE_FREE = {"dpm_solver_step"}
 GROUP_NORM_KERNELS = {
     "group_norm_stats",
     "group_norm_fwd",
@@ -49,8 +51,9 @@ def kernels(report):
 
 def test_every_kernel_dtype_and_arch_compiles(report):
     cases = kernels(report)
-    assert {c["kernel"] for c in cases} == NOISE_KERNELS | GROUP_NORM_KERNELS | DTYPE_FREE
-    for name in NOISE_KERNELS | GROUP_NORM_KERNELS | DTYPE_FREE:
+    every = NOISE_KERNELS | NOISE_FREE | GROUP_NORM_KERNELS | DTYPE_FREE
+    assert {c["kernel"] for c in cases} == every
+    for name in every:
         dtypes = ("fp32",) if name in DTYPE_FREE else ("fp32", "bf16", "fp16")
         assert {(c["dtype"], c["sm"]) for c in cases if c["kernel"] == name} == {
             (d, s) for d in dtypes for s in (80, 90)
@@ -61,11 +64,12 @@ def test_every_kernel_dtype_and_arch_compiles(report):
 
 
 def test_memory_bound_loads_are_vectorised(report):
-    """16-byte loads where rows allow them; 8 bytes for 16-bit NHWC4 (rows of 12 elements)."""
+    """16-byte loads where rows allow them; 8 bytes for 16-bit NHWC4 (rows of 12 elements).
+    Kernels without noise ("dense": the DPM-Solver++ step) read any dense tensor flat."""
     for c in kernels(report):
         if (
             c["kernel"] in GROUP_NORM_KERNELS
-            or c.get("tile") in ("flat4", "explicit_noise")
+            or c.get("tile") in ("flat4", "explicit_noise", "dense")
             or (c.get("tile") == "nhwc4" and c["dtype"] == "fp32")
         ):
             assert c["load_vector_bytes"] == 16, c
@@ -103,24 +107,32 @@ def test_noise_uses_the_approximations_noise_bound_assumes(report):
         if c.get("seeded"):
             assert NOISE_MATH <= set(c["math"]) <= NOISE_MATH | SQRT, c
             assert not c["calls"], c  # nothing left to libdevice calls
-        elif c["kernel"] in NOISE_KERNELS:
+        elif c["kernel"] in NOISE_KERNELS | NOISE_FREE:
             assert not c["math"] and c["mulhi"] == 0, c  # explicit noise: no generator at all
 
 
-def test_reverse_step_x0_clipping_compiles(report):
-    """The CLIP_X0 path of the reverse step (DDPM's clip_denoised), every dtype and arch."""
+def test_x0_clipping_compiles(report):
+    """The CLIP_X0 path of the reverse step (DDPM's clip_denoised) and of the DPM-Solver++
+    step, every dtype and arch."""
     clipped = [c for c in kernels(report) if c.get("clip_x0")]
     assert {(c["kernel"], c["dtype"], c["sm"]) for c in clipped} == {
-        ("reverse_step", d, s) for d in ("fp32", "bf16", "fp16") for s in (80, 90)
+        (k, d, s)
+        for k in ("reverse_step", "dpm_solver_step")
+        for d in ("fp32", "bf16", "fp16")
+        for s in (80, 90)
     }
     assert not [c for c in clipped if "error" in c]
 
 
-def test_guided_reverse_step_compiles(report):
-    """The GUIDED path of the reverse step (classifier-free guidance's second prediction, an
-    image-dtype pointer, and the fp32 scale), every dtype and arch, vectorised like pred."""
+def test_guided_sampler_steps_compile(report):
+    """The GUIDED path of the reverse step and the DPM-Solver++ step (classifier-free
+    guidance's second prediction, an image-dtype pointer, and the fp32 scale), every dtype and
+    arch, vectorised like pred."""
     guided = [c for c in kernels(report) if c.get("guided")]
     assert {(c["kernel"], c["dtype"], c["sm"]) for c in guided} == {
-        ("reverse_step", d, s) for d in ("fp32", "bf16", "fp16") for s in (80, 90)
+        (k, d, s)
+        for k in ("reverse_step", "dpm_solver_step")
+        for d in ("fp32", "bf16", "fp16")
+        for s in (80, 90)
     }
     assert not [c for c in guided if "error" in c]
