@@ -23,6 +23,7 @@ import numpy as np
 from . import distributed
 from .errors import FastDiffError
 from .inception import ENV_PATH, FILE_NAME
+from .labels import DEFAULT_CLASS_DROPOUT
 from .metrics import DEFAULT_FID_SAMPLER
 from .precision import PRECISIONS
 from .preemption import TrainingInterrupted
@@ -162,8 +163,9 @@ def _add_train(sub) -> None:
     p.add_argument(
         "--class-dropout",
         type=float,
-        default=0.1,
-        help="with --conditional: probability of training a label as the null class [0.1]",
+        default=DEFAULT_CLASS_DROPOUT,
+        help="with --conditional: probability of training a label as the null class"
+        f" [{DEFAULT_CLASS_DROPOUT:g}]",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_train)

@@ -31,7 +31,13 @@ from torch.utils.data import Dataset
 
 from .errors import DataError
 
+#: The default probability that training replaces a label by the null class (see
+#: docs/PERFORMANCE.md, "Classifier-free guidance": chosen by the null class's samples
+#: against an unconditional model's at the default job's settings).
+DEFAULT_CLASS_DROPOUT = 0.1
+
 __all__ = [
+    "DEFAULT_CLASS_DROPOUT",
     "check_labels",
     "class_rows",
     "drop_labels",

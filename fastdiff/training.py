@@ -46,6 +46,7 @@ from .errors import CheckpointError, DataError, FastDiffError, OutputError
 from .fid_monitor import FIDMonitor
 from .images import save_image_grid
 from .labels import (
+    DEFAULT_CLASS_DROPOUT,
     check_labels,
     class_rows,
     drop_labels,
@@ -103,7 +104,7 @@ class TrainConfig:
     sample_sampler: str = "ddpm"
     sample_steps: int | None = None
     conditional: bool = False
-    class_dropout: float = 0.1
+    class_dropout: float = DEFAULT_CLASS_DROPOUT
     fid_every: int = 0
     fid_samples: int = 5000
     extra: dict = field(default_factory=dict)
@@ -269,7 +270,7 @@ def train(
     compile: bool = False,
     strict: bool | None = None,
     conditional: bool = False,
-    class_dropout: float = 0.1,
+    class_dropout: float = DEFAULT_CLASS_DROPOUT,
     labels=None,
 ) -> Diffusion:
     """Train a DDPM noise predictor with Algorithm 20.1 and return the trained Diffusion.
