@@ -7,9 +7,9 @@ compiled kernels on CUDA tensors instead (helpers.DEVICE).
 
 import os
 
-import numpy as np
 import pytest
 import torch
+from helpers import write_npz
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -119,8 +119,5 @@ def emulated_cuda(monkeypatch):
 
 @pytest.fixture
 def npz(tmp_path):
-    """A tiny .npz data set: 8 random uint8 images (8, 1, 8, 8) under ``images``."""
-    path = tmp_path / "data.npz"
-    rng = np.random.default_rng(0)
-    np.savez(path, images=rng.integers(0, 256, (8, 1, 8, 8), dtype=np.uint8))
-    return path
+    """``write_npz`` with 8 images in the test's tmp_path."""
+    return write_npz(tmp_path / "data.npz")

@@ -232,3 +232,10 @@ def scipy_fid(fa, fb) -> float:
     sa, sb = numpy.cov(fa, rowvar=False), numpy.cov(fb, rowvar=False)
     root = scipy.linalg.sqrtm(sa @ sb)
     return float(numpy.real(((mu_a - mu_b) ** 2).sum() + numpy.trace(sa + sb - 2 * root)))
+
+
+def write_npz(path, n: int = 8):
+    """A tiny .npz data set at ``path``: n random uint8 images (n, 1, 8, 8) under ``images``."""
+    rng = numpy.random.default_rng(0)
+    numpy.savez(path, images=rng.integers(0, 256, (n, 1, 8, 8), dtype=numpy.uint8))
+    return path

@@ -15,9 +15,9 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from helpers import write_npz
 from safetensors.torch import load_file
 
 import fastdiff
@@ -227,10 +227,7 @@ CLI_TINY = [
 
 @pytest.fixture
 def npz(tmp_path):
-    path = tmp_path / "data.npz"
-    rng = np.random.default_rng(0)
-    np.savez(path, images=rng.integers(0, 256, (64, 1, 8, 8), dtype=np.uint8))
-    return path
+    return write_npz(tmp_path / "data.npz", 64)
 
 
 def one_error_line(capsys) -> str:
