@@ -255,9 +255,9 @@ def sample(
             (quality improves with more steps); ``"diffusers"`` keeps the model's eps, as
             diffusers' DDIMScheduler(clip_sample=True) does (drifts as steps grow).
         cuda_graph: on CUDA, capture one denoising step as a CUDA graph and replay it T times;
-            False runs the same step eagerly.  Where the step cannot be captured (DDIM with
-            eta > 0, the torch reference backend, a model that reads tensors on the host) it
-            runs eagerly after one log line.  Ignored on CPU (always eager).
+            False runs the same step eagerly.  Where the step cannot be captured (the torch
+            reference backend, a model that reads tensors on the host) it runs eagerly after
+            one log line.  Ignored on CPU (always eager).
         strict: raise ``GraphCaptureError`` instead of that fallback (None: the
             ``FASTDIFF_STRICT`` environment variable, off by default).
         precision: autocast for the model ("auto", "fp32", "bf16", "fp16"); default "auto":

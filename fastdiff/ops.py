@@ -4,7 +4,8 @@
     noise_loss    mean of (pred - eps)^2                                  (Algorithm 20.1 loss)
     reverse_step  z_{t-1} = (z_t - beta_t / sqrt(1 - alpha_t) pred) / sqrt(1 - beta_t)
                             + sigma_t eps,   no noise where t == 0         (Algorithm 20.2)
-    ddim_step     z_{t_prev} from the predicted x0 (Song et al. 2021; torch only so far)
+    ddim_step     z_{t_prev} = sqrt(alpha_prev) x0 + dir eps + sigma eps'  from the predicted x0
+                  (Song et al. 2021; guidance, x0 clipping and noise in one kernel)
     dpm_solver_step  z' = A z + B x0 + C (x0 - x0_prev), x0 = P z - Q pred   (DPM-Solver++ 2M;
                   coefficient rows per step, x0 kept for the next step)
 
@@ -16,7 +17,7 @@ and arithmetic is fp32 (fp64 for fp64 inputs).
 Noise: pass ``noise`` (a tensor shaped like the images) or ``seed`` (an int, or a 1-element
 int64 tensor on the images' device).  With a seed, eps for logical element L is Philox-normal
 noise of (seed, L), generated inside the kernel and never stored; the same seed gives the same
-eps in q_sample, noise_loss and reverse_step and in both memory layouts: bit-identical on
+eps in q_sample, noise_loss, reverse_step and ddim_step and in both memory layouts: bit-identical on
 one backend and device; the compiled CUDA kernels' eps (fast approximate log2/sin/cos)
 stays within ``kernels.reference.noise_bound`` of the reference's (see kernels.common).
 
@@ -104,6 +105,12 @@ def _dpm_kernels():
     return dpm_solver
 
 
+def _ddim_kernels():
+    from .kernels import ddim
+
+    return ddim
+
+
 # -- validation ------------------------------------------------------------------------------
 
 
@@ -174,6 +181,11 @@ def _check_t_prev(t_prev, t: torch.Tensor, validate: bool) -> None:
     eagerly, a device-side check under torch.compile: see _check_t)."""
     if not isinstance(t_prev, torch.Tensor) or t_prev.shape != t.shape:
         raise ValueError(f"t_prev: expected a tensor shaped like t {tuple(t.shape)}")
+    if t_prev.dtype not in (torch.int64, torch.int32) or t_prev.device != t.device:
+        raise ValueError(
+            f"t_prev: expected an int64 (or int32) tensor on {t.device} like t, got"
+            f" {t_prev.dtype} on {t_prev.device}"
+        )
     if not (validate and t.numel()):
         return
     ok = (t_prev < t) & (t_prev >= -1)
@@ -471,6 +483,109 @@ def _(out, x0_prev, z, pred, step, coefs, clip_x0, pred_uncond, guidance_scale):
     return None
 
 
+@torch.library.custom_op("fastdiff::ddim_step", mutates_args=())
+def _ddim_step_op(
+    z: torch.Tensor,
+    pred: torch.Tensor,
+    t: torch.Tensor,
+    t_prev: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    eta: float,
+    noise: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    clip_x0: bool,
+    clip_rule: str,
+    pred_uncond: torch.Tensor | None,
+    guidance_scale: float,
+) -> torch.Tensor:
+    """z_{t_prev} (Triton; see ``ddim_step``); noise or seed is read only when eta > 0."""
+    return _ddim_kernels().ddim_step_triton(
+        z, pred, t, t_prev, alphas_cumprod, eta, noise, seed, clip_x0=clip_x0,
+        clip_rule=clip_rule, pred_uncond=pred_uncond, guidance_scale=guidance_scale,
+    )  # fmt: skip
+
+
+@_ddim_step_op.register_fake
+def _(z, pred, t, t_prev, alphas_cumprod, eta, noise, seed, clip_x0, clip_rule, pred_uncond,
+      guidance_scale):  # fmt: skip
+    return _dense_empty_like(z)
+
+
+@torch.library.custom_op("fastdiff::ddim_step_out", mutates_args=("out",))
+def _ddim_step_out_op(
+    out: torch.Tensor,
+    z: torch.Tensor,
+    pred: torch.Tensor,
+    t: torch.Tensor,
+    t_prev: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    eta: float,
+    noise: torch.Tensor | None,
+    seed: torch.Tensor | None,
+    clip_x0: bool,
+    clip_rule: str,
+    pred_uncond: torch.Tensor | None,
+    guidance_scale: float,
+) -> None:
+    """ddim_step written into ``out`` (which may be z itself: the sampler's static buffer)."""
+    _ddim_kernels().ddim_step_triton(
+        z, pred, t, t_prev, alphas_cumprod, eta, noise, seed, out=out, clip_x0=clip_x0,
+        clip_rule=clip_rule, pred_uncond=pred_uncond, guidance_scale=guidance_scale,
+    )  # fmt: skip
+
+
+@_ddim_step_out_op.register_fake
+def _(out, z, pred, t, t_prev, alphas_cumprod, eta, noise, seed, clip_x0, clip_rule,
+      pred_uncond, guidance_scale):  # fmt: skip
+    return None
+
+
+def _ddim_step_setup(ctx, inputs, output):
+    z, pred, t, t_prev, ac, eta, noise, _, clip_x0, clip_rule, uncond, scale = inputs
+    ctx.eta, ctx.clip, ctx.rederive = eta, clip_x0, clip_rule == "rederive"
+    ctx.guided, ctx.scale = uncond is not None, scale
+    clip_inputs = (z, pred, *((uncond,) if ctx.guided else ())) if clip_x0 else ()
+    ctx.save_for_backward(t, t_prev, ac, *clip_inputs)
+    ctx.grad_z, ctx.grad_pred = z.requires_grad, pred.requires_grad
+    ctx.grad_uncond = ctx.guided and uncond.requires_grad
+    ctx.grad_noise = noise is not None and noise.requires_grad
+
+
+def _ddim_step_backward(ctx, grad):
+    """Linear in z, eps and noise per sample (``ref.ddim_coefficients``): with
+    x0 = (z - sqrt(1 - a_t) eps) / sqrt(a_t) and out = sqrt(a_prev) x0 + dir eps + sigma noise,
+
+        g_x0 = g sqrt(a_prev),  d z = g_x0 / sqrt(a_t),  d eps = g dir - d z sqrt(1 - a_t),
+        d noise = g sigma.
+
+    Where x0 is clamped the clamped value is a constant: g_x0 is 0 with the diffusers rule and
+    g dir sqrt(a_t / (1 - a_t)) with the rederive one (eps' = eps + that factor (x0 -
+    x0_clamped); x0 recomputed from the saved inputs).  Guided, eps = u + s (pred - u):
+    d/d pred = s d/d eps, d/d u = (1 - s) d/d eps."""
+    t, t_prev, ac, *saved = ctx.saved_tensors
+    g = grad.float()
+    c = ref.ddim_coefficients(t, t_prev, ac, ctx.eta)
+    sqrt_a, sqrt_1m_a, sqrt_a_prev, dir_coef, sigma, rederive = (_broadcast(v, g) for v in c)
+    g_x0 = g * sqrt_a_prev
+    if ctx.clip:
+        z, pred, *uncond = saved
+        eps = ref.guided_eps(pred, uncond[0] if ctx.guided else None, ctx.scale).float()
+        x0 = (z.float() - sqrt_1m_a * eps) / sqrt_a
+        clamped_value = g * dir_coef * rederive if ctx.rederive else 0.0
+        g_x0 = torch.where(x0.abs() > 1.0, clamped_value, g_x0)
+    gz = g_x0 / sqrt_a
+    geps = g * dir_coef - gz * sqrt_1m_a
+    scale = ctx.scale if ctx.guided else 1.0
+    grad_z = gz.to(grad.dtype) if ctx.grad_z else None
+    grad_pred = (scale * geps).to(grad.dtype) if ctx.grad_pred else None
+    grad_uncond = ((1.0 - scale) * geps).to(grad.dtype) if ctx.grad_uncond else None
+    grad_noise = (g * sigma).to(grad.dtype) if ctx.grad_noise else None
+    return (grad_z, grad_pred) + (None,) * 4 + (grad_noise,) + (None,) * 3 + (grad_uncond, None)
+
+
+_ddim_step_op.register_autograd(_ddim_step_backward, setup_context=_ddim_step_setup)
+
+
 @torch.library.custom_op("fastdiff::philox_normal", mutates_args=())
 def _philox_normal_op(seed: torch.Tensor, shape: list[int]) -> torch.Tensor:
     """The kernels' eps for the reference path: fp32, contiguous, on the seed's device (drawn
@@ -725,12 +840,24 @@ def ddim_step(
             ``"diffusers"`` keeps pred (DDIMScheduler's ``clip_sample=True,
             use_clipped_model_output=False``), which shifts z by sqrt(alpha_prev) (x0_clamped
             - x0) per step whatever the step size, so more steps drift further.
-        noise / seed: eps as for q_sample (multiplied by sigma, so not drawn when eta = 0).
+        noise / seed: eps as for q_sample, multiplied by sigma (so not drawn, and noise not
+            read, when eta = 0); a seed tensor lets a CUDA graph replay this op with fresh
+            noise (the kernel reads t, t_prev and the seed from device memory).
+        validate: check -1 <= t_prev < t (and t's range) as the module docstring says.
+        out: optional tensor like z_t to write the result into (may be z_t itself); only
+            without autograd.
         pred_uncond, guidance_scale: classifier-free guidance as for ``reverse_step``: pred
-            above is pred_uncond + guidance_scale * (pred - pred_uncond).
-    Always runs the torch reference (a fused kernel is future work).  With eta > 0 and a
-    seed tensor on CUDA, drawing eps reads the seed back to the host, so such steps cannot be
-    captured in a CUDA graph.
+            above is pred_uncond + guidance_scale * (pred - pred_uncond), formed in the kernel
+            and never stored.
+    Returns:
+        z_{t_prev}, shaped, typed and laid out like z_t; differentiable w.r.t. z_t, pred,
+        pred_uncond (and noise).
+
+    Where dispatch picks Triton (CUDA tensors by default) this is one fused kernel
+    (``kernels.ddim``) that forms the per-sample scalars once per program and guidance,
+    clipping and noise in registers, so the step, eta > 0 included, can be captured in a
+    CUDA graph; elsewhere the torch reference (``kernels.reference.ddim_step_reference``),
+    whose Philox noise is drawn on the host from the seed.
     """
     _check_step_inputs(z_t, pred, t, schedule, validate)
     _check_t_prev(t_prev, t, validate)
@@ -740,13 +867,27 @@ def ddim_step(
         raise ValueError(f"eta: expected a value in [0, 1], got {eta}")
     _check_flag("clip_x0", clip_x0)
     check_clip_rule(clip_rule)
-    cd = torch.float64 if z_t.dtype == torch.float64 else torch.float32
-    result = ref.ddim_step_reference(
-        z_t, pred, t, t_prev, schedule.table("alphas_cumprod", cd), float(eta),
-        _reference_eps(noise, seed, z_t) if eta > 0 else None, clip_x0=clip_x0,
-        clip_rule=clip_rule, pred_uncond=pred_uncond, guidance_scale=float(guidance_scale),
+    if out is not None:
+        _check_like("out", out, z_t, "z_t")
+    noisy = eta > 0
+    if backend_for(z_t) == "reference":
+        cd = torch.float64 if z_t.dtype == torch.float64 else torch.float32
+        result = ref.ddim_step_reference(
+            z_t, pred, t, t_prev, schedule.table("alphas_cumprod", cd), float(eta),
+            _reference_eps(noise, seed, z_t) if noisy else None, clip_x0=clip_x0,
+            clip_rule=clip_rule, pred_uncond=pred_uncond, guidance_scale=float(guidance_scale),
+        )  # fmt: skip
+        return result if out is None else out.copy_(result)
+    args = (
+        z_t, pred, t, t_prev, schedule.table("alphas_cumprod"), float(eta),
+        noise if noisy else None,
+        _seed_tensor(seed, z_t.device) if noisy and noise is None else None,
+        clip_x0, clip_rule, pred_uncond, float(guidance_scale),
     )  # fmt: skip
-    return result if out is None else out.copy_(result)
+    if out is None:
+        return _ddim_step_op(*args)
+    _ddim_step_out_op(out, *args)
+    return out
 
 
 def check_clip_rule(clip_rule) -> None:

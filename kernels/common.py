@@ -13,7 +13,7 @@ So four logical neighbours share one Philox call, and eps does not depend on mem
 ``kernels.reference.philox_normal`` is the numpy twin.  What is promised:
 
 * one backend, one device: the same seed gives bit-identical eps, in every layout, in every
-  kernel (q_sample, noise_loss and reverse_step regenerate the same eps);
+  kernel (q_sample, noise_loss, reverse_step and ddim_step regenerate the same eps);
 * the Triton interpreter (CPU) equals the numpy twin bit for bit (same float32 operations);
 * compiled CUDA kernels use the hardware's approximate lg2/sin/cos/sqrt (``FAST_MATH``), so
   they differ from the twin by at most ``kernels.reference.noise_bound(R)`` per element,

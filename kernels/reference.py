@@ -14,6 +14,7 @@ results keep the dtype and memory layout of the first tensor argument.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -202,6 +203,37 @@ def reverse_step_reference(
 CLIP_RULES = ("rederive", "diffusers")
 
 
+class DDIMCoefficients(NamedTuple):
+    """The per-sample scalars of one DDIM step, each (B,) (``ddim_coefficients``)."""
+
+    sqrt_a: torch.Tensor  # sqrt(a_t)
+    sqrt_1m_a: torch.Tensor  # sqrt(1 - a_t)
+    sqrt_a_prev: torch.Tensor  # sqrt(a_prev)
+    dir: torch.Tensor  # sqrt(max(1 - a_prev - sigma^2, 0)): the direction term's weight
+    sigma: torch.Tensor  # the noise's weight
+    rederive: torch.Tensor  # sqrt(a_t / (1 - a_t)): d eps / d x0 at fixed z_t
+
+
+def ddim_coefficients(t, t_prev, alphas_cumprod, eta) -> DDIMCoefficients:
+    """DDIM's per-sample scalars for steps t -> t_prev (B,) int (t_prev = -1: a_prev = 1),
+    in alphas_cumprod's dtype:
+
+        sigma = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev)
+        dir   = sqrt(max(1 - a_prev - sigma^2, 0))
+    """
+    a_t = alphas_cumprod[t]
+    a_prev = torch.where(t_prev >= 0, alphas_cumprod[t_prev.clamp(min=0)], torch.ones_like(a_t))
+    sigma = eta * torch.sqrt((1 - a_prev) / (1 - a_t)) * torch.sqrt(1 - a_t / a_prev)
+    return DDIMCoefficients(
+        sqrt_a=torch.sqrt(a_t),
+        sqrt_1m_a=torch.sqrt(1 - a_t),
+        sqrt_a_prev=torch.sqrt(a_prev),
+        dir=torch.sqrt((1 - a_prev - sigma**2).clamp(min=0)),
+        sigma=sigma,
+        rederive=torch.sqrt(a_t / (1 - a_t)),
+    )
+
+
 def ddim_step_reference(
     z, pred, t, t_prev, alphas_cumprod, eta, noise, clip_x0=False, clip_rule="rederive",
     pred_uncond=None, guidance_scale=1.0,
@@ -212,32 +244,29 @@ def ddim_step_reference(
         sigma  = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev)
         z_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma noise,  eps = pred
 
-    with a = alphas_cumprod[.] and a_prev = 1 where t_prev < 0.  ``clip_x0`` clamps x0 to
-    [-1, 1] before it is used; with ``clip_rule="rederive"`` eps is then re-derived from the
-    clamped x0, eps = (z_t - sqrt(a_t) x0_clamped) / sqrt(1 - a_t), computed as
-    pred + sqrt(a_t / (1 - a_t)) (x0 - x0_clamped) (exactly pred where nothing was clamped), so
-    the step is DDIM's update for the clamped denoiser and converges as steps grow; with
-    ``"diffusers"`` the predicted eps is kept, which moves z by sqrt(a_prev) (x0_clamped - x0)
-    at every step whatever its size.  eta = 0: deterministic (``noise`` may then be None).
-    With ``pred_uncond``, pred is the guided pred_uncond + guidance_scale (pred - pred_uncond).
+    with a = alphas_cumprod[.] and a_prev = 1 where t_prev < 0 (``ddim_coefficients``).
+    ``clip_x0`` clamps x0 to [-1, 1] before it is used; with ``clip_rule="rederive"`` eps is
+    then re-derived from the clamped x0, eps = (z_t - sqrt(a_t) x0_clamped) / sqrt(1 - a_t),
+    computed as pred + sqrt(a_t / (1 - a_t)) (x0 - x0_clamped) (exactly pred where nothing was
+    clamped), so the step is DDIM's update for the clamped denoiser and converges as steps
+    grow; with ``"diffusers"`` the predicted eps is kept, which moves z by sqrt(a_prev)
+    (x0_clamped - x0) at every step whatever its size.  eta = 0: deterministic (``noise`` may
+    then be None).  With ``pred_uncond``, pred is the guided pred_uncond + guidance_scale
+    (pred - pred_uncond).
     """
     cd = _compute_dtype(z)
-    ac = alphas_cumprod.to(cd)
-    a_t = ac[t]
-    a_prev = torch.where(t_prev >= 0, ac[t_prev.clamp(min=0)], torch.ones_like(a_t))
-    sigma = eta * torch.sqrt((1 - a_prev) / (1 - a_t)) * torch.sqrt(1 - a_t / a_prev)
-    dir_coef = torch.sqrt((1 - a_prev - sigma**2).clamp(min=0))
+    c = ddim_coefficients(t, t_prev, alphas_cumprod.to(cd), eta)
     shape = (-1, *([1] * (z.dim() - 1)))
     zc, eps = z.to(cd), guided_eps(pred, pred_uncond, guidance_scale).to(cd)
-    x0 = (zc - torch.sqrt(1 - a_t).view(shape) * eps) / torch.sqrt(a_t).view(shape)
+    x0 = (zc - c.sqrt_1m_a.view(shape) * eps) / c.sqrt_a.view(shape)
     if clip_x0:
         clamped = x0.clamp(-1.0, 1.0)
         if clip_rule == "rederive":
-            eps = eps + torch.sqrt(a_t / (1 - a_t)).view(shape) * (x0 - clamped)
+            eps = eps + c.rederive.view(shape) * (x0 - clamped)
         x0 = clamped
-    out = torch.sqrt(a_prev).view(shape) * x0 + dir_coef.view(shape) * eps
+    out = c.sqrt_a_prev.view(shape) * x0 + c.dir.view(shape) * eps
     if noise is not None:  # None: eta = 0, nothing to add
-        out = out + sigma.view(shape) * noise.to(cd)
+        out = out + c.sigma.view(shape) * noise.to(cd)
     return _like(out, z)
 
 

@@ -3,9 +3,11 @@
     x0     = (z_t - sqrt(1 - a_t) pred) / sqrt(a_t)     (clamped with ``clip_x0``)
     z_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps' + sigma noise
 
-(see ``ops.ddim_step`` for sigma(eta) and the clip rules).  The next step index comes from a
-device table, ``prev_step[t]`` (-1 after the last step), so one captured step serves every
-replay.  With eta > 0 the noise is drawn on the host, so that step is not captured.
+(see ``ops.ddim_step`` for sigma(eta) and the clip rules), one fused kernel (``kernels.ddim``)
+that also forms the guided eps and draws the noise.  The next step index comes from a device
+table, ``prev_step[t]`` (-1 after the last step), and the noise from the step's seed buffer
+(advanced by the runner after every step), so one captured step serves every replay, eta > 0
+included: each replay draws fresh noise, the eager chain's.
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ class DDIM:
         return sorted({round(i * (T - 1) / max(steps - 1, 1)) for i in range(steps)}, reverse=True)
 
     def unavailable(self) -> str | None:
-        if self.spec.eta != 0.0:
-            return "DDIM with eta > 0 draws its noise on the host"
+        """None: every setting is capturable on the kernel path (the noise comes from the
+        seed in device memory; the reference path is refused by cuda_graphs.unavailable_reason)."""
         return None
 
     def update(self, buf, pred, pred_uncond=None, guidance_scale: float = 1.0) -> None:
