@@ -52,6 +52,7 @@ CUDA_TESTS = [
     "tests/test_ddpm_clip.py",
     "tests/test_sampling.py",
     "tests/test_dpm_solver.py",
+    "tests/test_ddim_kernel.py",
     "tests/test_guidance_ops.py",
     "tests/test_train_graph.py",
     "tests/test_training.py::test_cuda_hot_loop_does_not_synchronise",

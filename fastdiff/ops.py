@@ -565,15 +565,15 @@ def _ddim_step_backward(ctx, grad):
     t, t_prev, ac, *saved = ctx.saved_tensors
     g = grad.float()
     c = ref.ddim_coefficients(t, t_prev, ac, ctx.eta)
-    sqrt_a, sqrt_1m_a, sqrt_a_prev, dir_coef, sigma, rederive = (_broadcast(v, g) for v in c)
+    inv_sqrt_a, sqrt_1m_a, sqrt_a_prev, dir_coef, sigma, rederive = (_broadcast(v, g) for v in c)
     g_x0 = g * sqrt_a_prev
     if ctx.clip:
         z, pred, *uncond = saved
         eps = ref.guided_eps(pred, uncond[0] if ctx.guided else None, ctx.scale).float()
-        x0 = (z.float() - sqrt_1m_a * eps) / sqrt_a
+        x0 = (z.float() - sqrt_1m_a * eps) * inv_sqrt_a
         clamped_value = g * dir_coef * rederive if ctx.rederive else 0.0
         g_x0 = torch.where(x0.abs() > 1.0, clamped_value, g_x0)
-    gz = g_x0 / sqrt_a
+    gz = g_x0 * inv_sqrt_a
     geps = g * dir_coef - gz * sqrt_1m_a
     scale = ctx.scale if ctx.guided else 1.0
     grad_z = gz.to(grad.dtype) if ctx.grad_z else None

@@ -9,7 +9,7 @@ alphas_cumprod[t_prev[n]] (1 where t_prev[n] = -1: the step to the clean image):
 and per element:
 
     eps = pred                 (GUIDED: pred_uncond + s (pred - pred_uncond), in registers)
-    x0  = (z - sqrt(1 - a_t) eps) / sqrt(a_t)
+    x0  = (z - sqrt(1 - a_t) eps) * (1 / sqrt(a_t))
     CLIP_X0:  x0c = clamp(x0, -1, 1)
               REDERIVE: eps = eps + sqrt(a_t / (1 - a_t)) (x0 - x0c)   (improved-diffusion;
               else diffusers' rule: eps kept)
@@ -21,10 +21,14 @@ Every operation is the fp32 one of ``kernels.reference.ddim_step_reference``, in
 with correctly rounded square roots and divisions (``tl.sqrt_rn`` / ``tl.div_rn``, not the
 approximate ``sqrt.approx`` / ``div.full`` of ``tl.sqrt`` and ``/``), so the interpreter
 equals the reference bit for bit and compiled code differs only where LLVM contracts a
-product and a sum into one FMA.  One pass reads z and pred (and pred_uncond, and a given
-noise) and writes the result; t, t_prev and the seed are read from device memory, so a CUDA
-graph that captured this launch draws fresh noise at every replay once the caller advances
-the seed buffer (samplers.runner does, after every step).
+product and a sum into one FMA.  Those roots and divisions act on the per-sample scalars
+only; per element there are products, sums and the clamp (a per-element ``div.rn`` costs
+about ten instructions and a call to its slow path, around which the compiler spilled).
+
+One pass reads z and pred (and pred_uncond, and a given noise) and writes the result; t,
+t_prev and the seed are read from device memory, so a CUDA graph that captured this launch
+draws fresh noise at every replay once the caller advances the seed buffer (samplers.runner
+does, after every step).
 """
 
 from __future__ import annotations
@@ -52,7 +56,8 @@ def ddim_step_kernel(
     sigma = eta * tl.sqrt_rn(tl.div_rn(1.0 - a_prev, 1.0 - a_t))
     sigma = sigma * tl.sqrt_rn(1.0 - tl.div_rn(a_t, a_prev))
     dir_coef = tl.sqrt_rn(tl.maximum(1.0 - a_prev - sigma * sigma, 0.0))
-    sqrt_a, sqrt_1m_a, sqrt_a_prev = tl.sqrt_rn(a_t), tl.sqrt_rn(1.0 - a_t), tl.sqrt_rn(a_prev)
+    inv_sqrt_a = tl.div_rn(1.0, tl.sqrt_rn(a_t))
+    sqrt_1m_a, sqrt_a_prev = tl.sqrt_rn(1.0 - a_t), tl.sqrt_rn(a_prev)
     if CLIP_X0 and REDERIVE:
         back = tl.sqrt_rn(tl.div_rn(a_t, 1.0 - a_t))  # d eps / d x0 at fixed z
     if NOISE_FROM_SEED:
@@ -64,7 +69,7 @@ def ddim_step_kernel(
         if GUIDED:
             u = tl.load(uncond_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
             eps = u + guidance * (eps - u)
-        x0 = tl.div_rn(z - sqrt_1m_a * eps, sqrt_a)
+        x0 = (z - sqrt_1m_a * eps) * inv_sqrt_a
         if CLIP_X0:
             clamped = tl.minimum(tl.maximum(x0, -1.0), 1.0)
             if REDERIVE:

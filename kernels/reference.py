@@ -206,7 +206,7 @@ CLIP_RULES = ("rederive", "diffusers")
 class DDIMCoefficients(NamedTuple):
     """The per-sample scalars of one DDIM step, each (B,) (``ddim_coefficients``)."""
 
-    sqrt_a: torch.Tensor  # sqrt(a_t)
+    inv_sqrt_a: torch.Tensor  # 1 / sqrt(a_t)
     sqrt_1m_a: torch.Tensor  # sqrt(1 - a_t)
     sqrt_a_prev: torch.Tensor  # sqrt(a_prev)
     dir: torch.Tensor  # sqrt(max(1 - a_prev - sigma^2, 0)): the direction term's weight
@@ -225,7 +225,7 @@ def ddim_coefficients(t, t_prev, alphas_cumprod, eta) -> DDIMCoefficients:
     a_prev = torch.where(t_prev >= 0, alphas_cumprod[t_prev.clamp(min=0)], torch.ones_like(a_t))
     sigma = eta * torch.sqrt((1 - a_prev) / (1 - a_t)) * torch.sqrt(1 - a_t / a_prev)
     return DDIMCoefficients(
-        sqrt_a=torch.sqrt(a_t),
+        inv_sqrt_a=1 / torch.sqrt(a_t),
         sqrt_1m_a=torch.sqrt(1 - a_t),
         sqrt_a_prev=torch.sqrt(a_prev),
         dir=torch.sqrt((1 - a_prev - sigma**2).clamp(min=0)),
@@ -240,11 +240,12 @@ def ddim_step_reference(
 ):  # fmt: skip
     """DDIM (Song et al. 2021) from step t to the earlier step t_prev (-1: the clean image).
 
-        x0     = (z_t - sqrt(1 - a_t) pred) / sqrt(a_t)
+        x0     = (z_t - sqrt(1 - a_t) pred) * (1 / sqrt(a_t))
         sigma  = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev)
         z_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma noise,  eps = pred
 
-    with a = alphas_cumprod[.] and a_prev = 1 where t_prev < 0 (``ddim_coefficients``).
+    with a = alphas_cumprod[.] and a_prev = 1 where t_prev < 0 (``ddim_coefficients``; x0
+    multiplies by the reciprocal, as the kernel does: one division per sample, not per element).
     ``clip_x0`` clamps x0 to [-1, 1] before it is used; with ``clip_rule="rederive"`` eps is
     then re-derived from the clamped x0, eps = (z_t - sqrt(a_t) x0_clamped) / sqrt(1 - a_t),
     computed as pred + sqrt(a_t / (1 - a_t)) (x0 - x0_clamped) (exactly pred where nothing was
@@ -258,7 +259,7 @@ def ddim_step_reference(
     c = ddim_coefficients(t, t_prev, alphas_cumprod.to(cd), eta)
     shape = (-1, *([1] * (z.dim() - 1)))
     zc, eps = z.to(cd), guided_eps(pred, pred_uncond, guidance_scale).to(cd)
-    x0 = (zc - c.sqrt_1m_a.view(shape) * eps) / c.sqrt_a.view(shape)
+    x0 = (zc - c.sqrt_1m_a.view(shape) * eps) * c.inv_sqrt_a.view(shape)
     if clip_x0:
         clamped = x0.clamp(-1.0, 1.0)
         if clip_rule == "rederive":

@@ -34,6 +34,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from fastdiff.kernels import common, group_norm  # noqa: E402
+from fastdiff.kernels.ddim import ddim_step_kernel  # noqa: E402
 from fastdiff.kernels.dpm_solver import dpm_solver_step_kernel  # noqa: E402
 from fastdiff.kernels.noise_loss import noise_loss_bwd_kernel, noise_loss_fwd_kernel  # noqa: E402
 from fastdiff.kernels.q_sample import q_sample_kernel  # noqa: E402
@@ -55,7 +56,7 @@ IMAGE_POINTERS = {
     "dx_ptr",
     "x0_ptr",
 }
-INT64_POINTERS = {"t_ptr", "seed_ptr", "step_ptr"}
+INT64_POINTERS = {"t_ptr", "t_prev_ptr", "seed_ptr", "step_ptr"}
 NOISE_KERNELS = {
     "q_sample": q_sample_kernel,
     "noise_loss_fwd": noise_loss_fwd_kernel,
@@ -71,9 +72,38 @@ NOISE_CASES = (
     ("generic_nhwc", (8, 3, 17, 13), True, True, (90,)),
     ("explicit_noise", (64, 3, 256, 256), True, False, ARCHS),
 )
-#: The DPM-Solver++ step reads no noise, so every dense tensor is one flat tile (LAYOUT 0,
-#: whatever its memory format): plain, with x0 clipping, and guided, for every dtype and arch.
-DPM_VARIANTS = ({}, {"CLIP_X0": True}, {"GUIDED": True})
+#: The sampler steps' variants, as (tile, channels_last, constexpr flags), every dtype and arch.
+#: Without noise from a seed a dense tensor is one flat tile (LAYOUT 0, whatever its memory
+#: format), "dense" (no noise) or "explicit_noise".  The DPM-Solver++ step reads no noise:
+#: plain, with x0 clipping, and guided.  The DDIM step: the same three (clipping with the
+#: rederive rule, its extra term), a given noise tensor, and noise from the seed in the FLAT4
+#: tile and in the NHWC4 tile with guidance and clipping (every flag on: the most registers).
+STEP_FLAGS = ("GUIDED", "CLIP_X0", "REDERIVE", "ADD_NOISE", "NOISE_FROM_SEED")
+_SEEDED = {"ADD_NOISE": True, "NOISE_FROM_SEED": True}
+_CLIP = {"CLIP_X0": True, "REDERIVE": True}
+STEP_KERNELS = {
+    "dpm_solver_step": (
+        dpm_solver_step_kernel,
+        {"scale": "fp32"},
+        (
+            ("dense", False, {}),
+            ("dense", False, {"CLIP_X0": True}),
+            ("dense", False, {"GUIDED": True}),
+        ),
+    ),
+    "ddim_step": (
+        ddim_step_kernel,
+        {"eta": "fp32", "guidance": "fp32"},
+        (
+            ("dense", False, {}),
+            ("dense", False, {"GUIDED": True}),
+            ("dense", False, _CLIP),
+            ("explicit_noise", False, {"ADD_NOISE": True}),
+            ("flat4", False, _SEEDED),
+            ("nhwc4", True, {**_SEEDED, **_CLIP, "GUIDED": True}),
+        ),
+    ),
+}
 APPROX = re.compile(r"\b(?:lg2|ex2|sin|cos|sqrt|rsqrt|rcp|div|tanh)\.(?:approx|full|rn)[.\w]*")
 
 
@@ -194,27 +224,34 @@ def noise_cases(archs):
             yield {**report, "guided": True}, fn, DTYPES[dtype], cfg, cap, warps, scalars, aligned
 
 
-def dpm_cases(archs):
-    fn = dpm_solver_step_kernel
-    for dtype, cap, flags in itertools.product(DTYPES, archs, DPM_VARIANTS):
-        like = torch.empty((64, 3, 256, 256), dtype=DTYPES[dtype], device="meta")
-        args = common.layout_args(like, seeded=False)
-        args.pop("grid")
-        warps = args.pop("num_warps")
-        constexprs = {k: v for k, v in args.items() if k.isupper()}
-        constexprs.update({"CLIP_X0": False, "GUIDED": False, **flags})
-        elems = args["ROWS"] * args["W"] * args["NCH"] / (32 * warps)
-        report = {"kernel": "dpm_solver_step", "dtype": dtype, "sm": cap, "tile": "dense",
-                  "seeded": False, "num_warps": warps, "elems_per_thread": elems,
-                  **{k.lower(): True for k in flags}}  # fmt: skip
-        aligned = ("n_per",) if args["n_per"] % 16 == 0 else ()
-        yield report, fn, DTYPES[dtype], constexprs, cap, warps, {"scale": "fp32"}, aligned
+def step_cases(archs):
+    """The STEP_KERNELS variants; every flag the kernel takes and the variant does not set is
+    False, and the report names the flags set (lower case)."""
+    for (name, (fn, scalars, variants)), dtype, cap in itertools.product(
+        STEP_KERNELS.items(), DTYPES, archs
+    ):
+        for tile, cl, flags in variants:
+            seeded = flags.get("NOISE_FROM_SEED", False)
+            fmt = torch.channels_last if cl else torch.contiguous_format
+            like = torch.empty((64, 3, 256, 256), dtype=DTYPES[dtype], device="meta",
+                               memory_format=fmt)  # fmt: skip
+            args = common.layout_args(like, seeded=seeded)
+            args.pop("grid")
+            warps = args.pop("num_warps")
+            constexprs = {k: v for k, v in args.items() if k.isupper()}
+            constexprs |= {f: False for f in STEP_FLAGS if f in fn.arg_names} | flags
+            elems = args["ROWS"] * args["W"] * args["NCH"] / (32 * warps)
+            report = {"kernel": name, "dtype": dtype, "sm": cap, "tile": tile, "seeded": seeded,
+                      "num_warps": warps, "elems_per_thread": elems,
+                      **{k.lower(): True for k in flags}}  # fmt: skip
+            aligned = ("n_per",) if args["n_per"] % 16 == 0 else ()
+            yield report, fn, DTYPES[dtype], constexprs, cap, warps, scalars, aligned
 
 
 def main() -> None:
     archs = (90,) if "--quick" in sys.argv else ARCHS
     report = [{"probe": "philox_call", "sm": cap, **philox_probe(cap)} for cap in archs]
-    cases = list(noise_cases(archs)) + list(dpm_cases(archs))
+    cases = list(noise_cases(archs)) + list(step_cases(archs))
     for name, dtype, cap in itertools.product(group_norm.GROUP_NORM_KERNELS, DTYPES, archs):
         case = group_norm.aot_case(name, DTYPES[dtype])
         if case is not None:

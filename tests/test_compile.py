@@ -33,9 +33,11 @@ def _images(layout: str, requires_grad=False, seed=0):
 
 def _op_cases(layout):
     x, noise = _images(layout, True), _images(layout, True, seed=1)
+    uncond = _images(layout, True, seed=2)
     t, seed = torch.tensor([0, 7, 49]), torch.tensor([11])
     tab = [S.table(name) for name in ("reverse_coef_z", "reverse_coef_eps", "sigma_beta")]
     clip = [S.table(name) for name in TABLES]
+    ddim = (t, torch.tensor([-1, 3, 40]), S.table("alphas_cumprod"))
     return [
         ("q_sample", (x, t, *clip[:2], None, seed)),
         ("q_sample", (x, t, *clip[:2], noise, None)),
@@ -57,6 +59,25 @@ def _op_cases(layout):
                 None,
                 None,
                 None,
+            ),
+        ),  # fmt: skip
+        ("ddim_step", (x, noise, *ddim, 0.5, None, seed, True, "rederive", None, 1.0)),
+        ("ddim_step", (x, noise, *ddim, 1.0, uncond, None, True, "diffusers", uncond, 3.0)),
+        ("ddim_step", (x, noise, *ddim, 0.0, None, None, False, "rederive", uncond, 0.5)),
+        (
+            "ddim_step_out",
+            (
+                torch.empty(3, 4, 5, 4),
+                x.detach(),
+                noise.detach(),
+                *ddim,
+                0.5,
+                None,
+                seed,
+                True,
+                "rederive",
+                uncond.detach(),
+                2.0,
             ),
         ),  # fmt: skip
     ]

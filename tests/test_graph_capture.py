@@ -23,7 +23,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import fastdiff
-from fastdiff import train_graph, training
+from fastdiff import ops, train_graph, training
+from fastdiff.kernels import reference as ref
 from fastdiff.precision import resolve_precision
 from fastdiff.sampling import Sampler, StepBuffers, run_sampler
 
@@ -318,6 +319,49 @@ def test_replayed_sampler_equals_the_eager_chain_bitwise(emulated_cuda, kind, st
     assert emulated_cuda.captures == 1
     assert emulated_cuda.replays == 2 * sampler.num_steps
     assert torch.equal(graph, eager) and torch.equal(again, eager)
+
+
+class ZeroEps(nn.Module):
+    """Predicts eps = 0: each DDIM step depends on the latents and the noise only."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(()))  # gives the module a device
+
+    def forward(self, z, t):
+        return torch.zeros_like(z)
+
+
+def test_replayed_ddim_with_eta_draws_fresh_noise_at_every_replay(emulated_cuda):
+    """DDIM with eta = 1: the fused step reads its noise seed from the step buffers, so the
+    step is captured (no fallback), the runner advances the seed after each replay, and every
+    replay draws the Philox noise of its own step seed -- fresh noise per step, the eager
+    chain's, bit for bit."""
+    schedule = fastdiff.NoiseSchedule.linear(20)
+    sampler = Sampler(ZeroEps(), schedule, precision=FP32, channels_last=False, sampler="ddim",
+                      steps=3, eta=1.0)  # fmt: skip
+    assert sampler.graph_unavailable(CPU) is None
+    z0 = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    latents = []
+
+    def record():  # the graph's static latents after each replay
+        latents.append(sampler._graphs[2][1].z.clone())
+
+    with torch.inference_mode():
+        eager = sampler.run_eager(StepBuffers(z0.clone(), sampler.timesteps[0], 5)).clone()
+        graph = sampler.run_graph(z0, 5, on_step=record)
+    assert emulated_cuda.captures == 1 and emulated_cuda.replays == sampler.num_steps == 3
+    assert torch.equal(graph, eager)
+    steps, previous = sampler.timesteps + [-1], z0
+    for k, z in enumerate(latents):  # replay k: the step with the normals of seed 5 + k
+        t, t_prev = (torch.full((2,), steps[i]) for i in (k, k + 1))
+        normals = [ref.philox_normal(seed, z.shape) for seed in (5 + k, 5)]
+        with_seed = [ops.ddim_step(previous, torch.zeros_like(z), t, t_prev, schedule, n,
+                                   eta=1.0) for n in normals]  # fmt: skip
+        assert torch.equal(z, with_seed[0]), k
+        # seed 5's noise: the first step's own; never the second's; the last adds none
+        assert torch.equal(z, with_seed[1]) == (k != 1), k
+        previous = z
 
 
 class HostBranchDenoiser(nn.Module):

@@ -20,6 +20,10 @@ SCRIPT = Path(__file__).with_name("aot_compile.py")
 NOISE_KERNELS = {"q_sample", "noise_loss_fwd", "noise_loss_bwd", "reverse_step"}
 #: Kernels of the memory-bound family that read no noise at all.
 NOISE_FREE = {"dpm_solver_step"}
+#: Kernels whose own arithmetic divides and takes square roots, correctly rounded (the DDIM
+#: step matches its torch reference bit for bit in the interpreter), and those instructions.
+PRECISE_MATH_KERNELS = {"ddim_step"}
+PRECISE_MATH = {"sqrt.rn.f32", "div.rn.f32"}
 GROUP_NORM_KERNELS = {
     "group_norm_stats",
     "group_norm_fwd",
@@ -51,7 +55,7 @@ def kernels(report):
 
 def test_every_kernel_dtype_and_arch_compiles(report):
     cases = kernels(report)
-    every = NOISE_KERNELS | NOISE_FREE | GROUP_NORM_KERNELS | DTYPE_FREE
+    every = NOISE_KERNELS | NOISE_FREE | PRECISE_MATH_KERNELS | GROUP_NORM_KERNELS | DTYPE_FREE
     assert {c["kernel"] for c in cases} == every
     for name in every:
         dtypes = ("fp32",) if name in DTYPE_FREE else ("fp32", "bf16", "fp16")
@@ -103,21 +107,25 @@ def test_noise_makes_one_philox_call_per_four_elements(report):
 
 
 def test_noise_uses_the_approximations_noise_bound_assumes(report):
+    """The seeded noise uses exactly NOISE_MATH (and a sqrt); everything else is exact: no
+    approximate instruction at all, and in the DDIM step correctly rounded sqrt and division
+    (``tl.sqrt_rn`` / ``tl.div_rn``; ``tl.sqrt`` and ``/`` would be sqrt.approx / div.full)."""
     for c in kernels(report):
+        own = PRECISE_MATH if c["kernel"] in PRECISE_MATH_KERNELS else set()
         if c.get("seeded"):
-            assert NOISE_MATH <= set(c["math"]) <= NOISE_MATH | SQRT, c
+            assert NOISE_MATH | own <= set(c["math"]) <= NOISE_MATH | SQRT | own, c
             assert not c["calls"], c  # nothing left to libdevice calls
-        elif c["kernel"] in NOISE_KERNELS | NOISE_FREE:
-            assert not c["math"] and c["mulhi"] == 0, c  # explicit noise: no generator at all
+        elif c["kernel"] in NOISE_KERNELS | NOISE_FREE | PRECISE_MATH_KERNELS:
+            assert set(c["math"]) == own and c["mulhi"] == 0, c  # no generator at all
 
 
 def test_x0_clipping_compiles(report):
-    """The CLIP_X0 path of the reverse step (DDPM's clip_denoised) and of the DPM-Solver++
-    step, every dtype and arch."""
+    """The CLIP_X0 path of the reverse step (DDPM's clip_denoised), the DPM-Solver++ step
+    and the DDIM step (rederive rule), every dtype and arch."""
     clipped = [c for c in kernels(report) if c.get("clip_x0")]
     assert {(c["kernel"], c["dtype"], c["sm"]) for c in clipped} == {
         (k, d, s)
-        for k in ("reverse_step", "dpm_solver_step")
+        for k in ("reverse_step", "dpm_solver_step", "ddim_step")
         for d in ("fp32", "bf16", "fp16")
         for s in (80, 90)
     }
@@ -125,14 +133,32 @@ def test_x0_clipping_compiles(report):
 
 
 def test_guided_sampler_steps_compile(report):
-    """The GUIDED path of the reverse step and the DPM-Solver++ step (classifier-free
-    guidance's second prediction, an image-dtype pointer, and the fp32 scale), every dtype and
-    arch, vectorised like pred."""
+    """The GUIDED path of the reverse step, the DPM-Solver++ step and the DDIM step
+    (classifier-free guidance's second prediction, an image-dtype pointer, and the fp32
+    scale), every dtype and arch, vectorised like pred."""
     guided = [c for c in kernels(report) if c.get("guided")]
     assert {(c["kernel"], c["dtype"], c["sm"]) for c in guided} == {
         (k, d, s)
-        for k in ("reverse_step", "dpm_solver_step")
+        for k in ("reverse_step", "dpm_solver_step", "ddim_step")
         for d in ("fp32", "bf16", "fp16")
         for s in (80, 90)
     }
     assert not [c for c in guided if "error" in c]
+
+
+def test_ddim_step_compiles_every_variant(report):
+    """The DDIM step with no option, guided, clipped, with a given noise tensor and with noise
+    from the seed (FLAT4; NHWC4 with guidance and clipping too), every dtype and arch."""
+    ddim = [c for c in kernels(report) if c["kernel"] == "ddim_step"]
+    variants = {(c["tile"], c.get("guided", False), c.get("clip_x0", False),
+                 c.get("add_noise", False), c["seeded"]) for c in ddim}  # fmt: skip
+    assert variants == {
+        ("dense", False, False, False, False),
+        ("dense", True, False, False, False),
+        ("dense", False, True, False, False),
+        ("explicit_noise", False, False, True, False),
+        ("flat4", False, False, True, True),
+        ("nhwc4", True, True, True, True),
+    }
+    assert len(ddim) == len(variants) * 3 * 2  # every dtype, sm_80 and sm_90
+    assert not [c for c in ddim if "error" in c]
