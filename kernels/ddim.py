@@ -126,7 +126,7 @@ def ddim_step_triton(
         z_ptr=z,
         pred_ptr=same_layout(pred, z),
         uncond_ptr=same_layout(pred_uncond, z) if pred_uncond is not None else z,  # unread
-        noise_ptr=same_layout(noise, z) if add_noise and not from_seed else z,  # unread
+        noise_ptr=same_layout(noise, z) if noise is not None else z,  # read with ADD_NOISE
         out_ptr=target,
         t_ptr=t.contiguous(),  # the kernel reads t[n] at t_ptr + n
         t_prev_ptr=t_prev.contiguous(),
