@@ -13,7 +13,15 @@ import torch
 
 pytest.importorskip("triton")
 
-from fastdiff.kernels import common, group_norm, noise_loss, q_sample, reverse_step  # noqa: E402
+from fastdiff.kernels import (  # noqa: E402
+    common,
+    ddim,
+    dpm_solver,
+    group_norm,
+    noise_loss,
+    q_sample,
+    reverse_step,
+)
 
 
 class Recorder:
@@ -58,6 +66,8 @@ def recorder(monkeypatch):
     for module, names in [
         (q_sample, ["q_sample_kernel"]),
         (reverse_step, ["reverse_step_kernel"]),
+        (ddim, ["ddim_step_kernel"]),
+        (dpm_solver, ["dpm_solver_step_kernel"]),
         (noise_loss, ["noise_loss_fwd_kernel", "noise_loss_bwd_kernel"]),
         (group_norm, [n for n in dir(group_norm) if n.startswith("group_norm_") and
                       n.endswith("_kernel")]),
@@ -85,13 +95,16 @@ def test_every_launcher_launches_under_its_tensors_device(recorder):
     reverse_step.reverse_step_triton(x, x, t, table, table, table, seed=1)
     noise_loss.noise_loss_sums_triton(x, seed=1)
     noise_loss.noise_loss_grad_triton(x, torch.ones(2), seed=1)
+    ddim.ddim_step_triton(x, x, t, t - 1, table, 1.0, seed=1)
+    dpm_solver.dpm_solver_step_triton(x, x, t[:1], x.clone(), torch.ones(1, 5), x.clone())
     xc = x.contiguous(memory_format=torch.channels_last)
     w, b = torch.ones(4), torch.zeros(4)
     out, mean, rstd = group_norm.group_norm_fwd_triton(xc, w, b, 2, 1e-5, True)
     group_norm.group_norm_bwd_triton(torch.ones_like(xc), xc, w, b, mean, rstd, 2, True)
     names = [name for name, _ in recorder.launches]
     assert {"q_sample_kernel", "reverse_step_kernel", "noise_loss_fwd_kernel",
-            "noise_loss_bwd_kernel"} <= set(names)  # fmt: skip
+            "noise_loss_bwd_kernel", "ddim_step_kernel",
+            "dpm_solver_step_kernel"} <= set(names)  # fmt: skip
     assert sum(n.startswith("group_norm_") for n in names) == 6  # 3 forward, 3 backward
     assert all(device == torch.device("cuda", 1) for _, device in recorder.launches)
     assert recorder.current is None
