@@ -4,8 +4,8 @@
     noise_loss    mean of (pred - eps)^2                                  (Algorithm 20.1 loss)
     reverse_step  z_{t-1} = (z_t - beta_t / sqrt(1 - alpha_t) pred) / sqrt(1 - beta_t)
                             + sigma_t eps,   no noise where t == 0         (Algorithm 20.2)
-    ddim_step     z_{t_prev} = sqrt(alpha_prev) x0 + dir eps + sigma eps'  from the predicted x0
-                  (Song et al. 2021; guidance, x0 clipping and noise in one kernel)
+    ddim_step     z_{t_prev} = sqrt(alpha_prev) x0 + dir pred + sigma eps,  x0 predicted from
+                  z_t and pred (DDIM, Song et al. 2021; guidance, clipping, noise in one kernel)
     dpm_solver_step  z' = A z + B x0 + C (x0 - x0_prev), x0 = P z - Q pred   (DPM-Solver++ 2M;
                   coefficient rows per step, x0 kept for the next step)
 
