@@ -61,9 +61,12 @@ def test_fid_on_images_uses_png_pixels_and_gray_as_rgb(env, net_file):
     x = torch.rand(80, 1, 8, 8, generator=gen) * 2 - 1
     y = (torch.rand(60, 1, 8, 8, generator=gen) * 1.6 - 1).clamp(-1, 1)
     expected = scipy_fid(own_features(net_file, x), own_features(net_file, y))
-    assert metrics.fid(x, y, batch_size=16) == pytest.approx(expected, rel=1e-9)
+    # The features are fp32 and own_features takes one batch where fid() takes 16 or 7: the
+    # CPU library may pick other conv/matmul kernels per batch shape (seen: 2e-8 relative on
+    # one Xeon, 0 on an EPYC), a few fp32 roundings of the features, so not rel=1e-9.
+    assert metrics.fid(x, y, batch_size=16) == pytest.approx(expected, rel=1e-6)
     rgb = x.repeat(1, 3, 1, 1)  # the same images as RGB: the same features
-    assert metrics.fid(rgb, y, batch_size=7) == pytest.approx(expected, rel=1e-9)
+    assert metrics.fid(rgb, y, batch_size=7) == pytest.approx(expected, rel=1e-6)
 
 
 def test_fid_of_a_set_with_itself_is_zero_and_fid_is_symmetric():
