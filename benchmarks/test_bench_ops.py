@@ -488,8 +488,8 @@ def test_device_time_noise_ops(benchmark, device_table, op, shape, dtype, layout
     "shape,dtype,layout", DEVICE_CASES, ids=[_case_id(*c) for c in DEVICE_CASES]
 )
 def test_device_time_sampler_steps(benchmark, device_table, sampler, shape, dtype, layout):
-    """ddim_step (the torch reference: no DDIM kernel yet) beside the fused dpm_solver_step,
-    each against its eager formula, on the noise ops' shapes."""
+    """The fused ddim_step and dpm_solver_step kernels, each against its eager formula, on
+    the noise ops' shapes."""
     schedule = NoiseSchedule.linear(1000).to(DEVICE)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     gen = torch.Generator(device=DEVICE).manual_seed(0)
