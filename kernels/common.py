@@ -152,6 +152,17 @@ def chunk(
 
 
 @triton.jit
+def load_eps(pred_ptr, uncond_ptr, base, offs, mask, scale, GUIDED: tl.constexpr):
+    """A chunk's eps, fp32: pred, or with GUIDED classifier-free guidance's
+    u + scale (pred - u), u = pred_uncond (formed in registers, never stored)."""
+    eps = tl.load(pred_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    if GUIDED:
+        u = tl.load(uncond_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        eps = u + scale * (eps - u)
+    return eps
+
+
+@triton.jit
 def chunk_noise(seed, base, offs, C, HW, blocks_per_sample, s: tl.constexpr,
                 ROWS: tl.constexpr, W: tl.constexpr, NCH: tl.constexpr, LAYOUT: tl.constexpr,
                 FAST_MATH: tl.constexpr):  # fmt: skip

@@ -37,7 +37,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import chunk, chunk_noise, dense, launch, program_sample, same_layout, seed_tensor
+from .common import (
+    chunk,
+    chunk_noise,
+    dense,
+    launch,
+    load_eps,
+    program_sample,
+    same_layout,
+    seed_tensor,
+)
 
 
 @triton.jit
@@ -65,10 +74,7 @@ def ddim_step_kernel(
     for s in tl.static_range(NCH):
         base, offs, mask = chunk(n_per, blocks_per_sample, s, ROWS, W, NCH, LAYOUT)
         z = tl.load(z_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        eps = tl.load(pred_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        if GUIDED:
-            u = tl.load(uncond_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-            eps = u + guidance * (eps - u)
+        eps = load_eps(pred_ptr, uncond_ptr, base, offs, mask, guidance, GUIDED)
         x0 = (z - sqrt_1m_a * eps) * inv_sqrt_a
         if CLIP_X0:
             clamped = tl.minimum(tl.maximum(x0, -1.0), 1.0)

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import chunk, dense, launch, program_sample, same_layout
+from .common import chunk, dense, launch, load_eps, program_sample, same_layout
 
 
 @triton.jit
@@ -36,10 +36,7 @@ def dpm_solver_step_kernel(
     for s in tl.static_range(NCH):
         base, offs, mask = chunk(n_per, blocks_per_sample, s, ROWS, W, NCH, LAYOUT)
         z = tl.load(z_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        eps = tl.load(pred_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        if GUIDED:
-            u = tl.load(uncond_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-            eps = u + scale * (eps - u)
+        eps = load_eps(pred_ptr, uncond_ptr, base, offs, mask, scale, GUIDED)
         x0 = p * z - q * eps
         if CLIP_X0:
             x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)

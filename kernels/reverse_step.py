@@ -29,7 +29,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import chunk, chunk_noise, dense, launch, program_sample, same_layout, seed_tensor
+from .common import (
+    chunk,
+    chunk_noise,
+    dense,
+    launch,
+    load_eps,
+    program_sample,
+    same_layout,
+    seed_tensor,
+)
 
 
 @triton.jit
@@ -54,10 +63,7 @@ def reverse_step_kernel(
     for s in tl.static_range(NCH):
         base, offs, mask = chunk(n_per, blocks_per_sample, s, ROWS, W, NCH, LAYOUT)
         z = tl.load(z_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        pred = tl.load(pred_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        if GUIDED:
-            uncond = tl.load(uncond_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-            pred = uncond + guidance * (pred - uncond)
+        pred = load_eps(pred_ptr, uncond_ptr, base, offs, mask, guidance, GUIDED)
         if NOISE_FROM_SEED:
             eps = chunk_noise(seed, base, offs, C, HW, blocks_per_sample, s,
                               ROWS, W, NCH, LAYOUT, FAST_MATH)  # fmt: skip
