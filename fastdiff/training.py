@@ -839,7 +839,10 @@ class _Run:
     def _check_compatible(self, config: dict, directory: Path) -> None:
         saved = config.get("train", {})
         mine = asdict(self.cfg)
-        for key in ("batch_size", "seed", "precision", "conditional", "class_dropout"):
+        keys = ["batch_size", "seed", "precision", "conditional"]
+        if saved.get("conditional"):  # an unconditional run never draws label dropout
+            keys.append("class_dropout")
+        for key in keys:
             if key in saved and saved[key] != mine[key]:
                 raise CheckpointError(
                     f"checkpoint: {str(directory)!r} was trained with {key}={saved[key]!r},"

@@ -20,6 +20,7 @@ from torch import nn
 import fastdiff
 from fastdiff import Diffusion, NoiseSchedule, UNet
 from fastdiff.cli import main
+from fastdiff.errors import CheckpointError
 from fastdiff.labels import drop_labels
 from fastdiff.precision import resolve_precision
 from fastdiff.samplers import Guidance, SamplerRunner, SamplerSpec
@@ -91,6 +92,19 @@ def test_conditional_resume_is_exact(tmp_path):
     assert resumed.model.class_embed.weight.abs().sum(1).gt(0).all()
     loaded = fastdiff.load(tmp_path / "b", device="cpu")
     assert loaded.num_classes == K and loaded.model.config["num_classes"] == K
+
+
+def test_resume_checks_class_dropout_only_for_conditional_runs(tmp_path):
+    """A conditional run resumes only with its own class dropout (clear error otherwise); an
+    unconditional run, whose config records the unused default, resumes with any."""
+    x, y = labelled(6)
+    kw = dict(batch_size=2, log_every=2, checkpoint_every=2, **TINY)
+    fastdiff.train(x, steps=2, out_dir=tmp_path / "u", class_dropout=0.1, **kw)
+    fastdiff.train(x, steps=4, out_dir=tmp_path / "u", resume=True, class_dropout=0.5, **kw)
+    kw.update(conditional=True, labels=y, **GRID)
+    fastdiff.train(x, steps=2, out_dir=tmp_path / "c", class_dropout=0.1, **kw)
+    with pytest.raises(CheckpointError, match=r"class_dropout=0\.1.*class_dropout=0\.5"):
+        fastdiff.train(x, steps=4, out_dir=tmp_path / "c", resume=True, class_dropout=0.5, **kw)
 
 
 def test_captured_conditional_step_equals_the_eager_one(emulated_cuda, monkeypatch):
