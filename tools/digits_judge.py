@@ -27,6 +27,7 @@ Usage (from a checkout, with fastdiff installed)::
                                                              # ddim / dpm++2m at 5..50 steps
     python tools/digits_judge.py runs/digits --eval-loss     # the low-noise training proxy
     python tools/digits_judge.py runs/digits-cond --guidance-table --sampler ddim --steps 100
+    python tools/digits_judge.py runs/digits-cond --guidance-table --scales 2 --per-class 100
 
 ``--guidance-table`` (a class-conditional run): for each guidance scale in GUIDANCE_SCALES,
 ``--per-class`` images of every class, asked for with ``labels=``; the class accuracy (the
@@ -448,6 +449,12 @@ def main(argv=None) -> int:
         help="conditional run: class accuracy and FD against the guidance scale (markdown)",
     )
     p.add_argument("--per-class", type=int, default=20, help="--guidance-table images [20]")
+    p.add_argument(
+        "--scales",
+        type=lambda text: tuple(float(v) for v in text.split(",")),
+        default=GUIDANCE_SCALES,
+        help="--guidance-table scales, comma-separated [0,1,2,3,5]",
+    )
     args = p.parse_args(argv)
     if not args.source and not args.reference:
         p.error("give a run directory, checkpoint or .npz, or --reference")
@@ -462,7 +469,8 @@ def main(argv=None) -> int:
             p.error("--guidance-table needs a conditional run directory or checkpoint")
         run_guidance_table(
             args.source, net, per_class=args.per_class, seed=args.seed, as_json=args.json,
-            sampler=args.sampler, steps=args.steps, variance=args.variance, eta=args.eta,
+            scales=args.scales, sampler=args.sampler, steps=args.steps, variance=args.variance,
+            eta=args.eta,
             clip_x0={"auto": None, "on": True, "off": False}[args.clip],
             clip_rule=args.clip_rule,
         )  # fmt: skip
