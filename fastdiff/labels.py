@@ -31,10 +31,13 @@ from torch.utils.data import Dataset
 
 from .errors import DataError
 
-#: The default probability that training replaces a label by the null class (see
-#: docs/PERFORMANCE.md, "Classifier-free guidance": chosen by the null class's samples
-#: against an unconditional model's at the default job's settings).
-DEFAULT_CLASS_DROPOUT = 0.1
+#: The default probability that training replaces a label by the null class, chosen on the
+#: digits at the default job's settings (docs/PERFORMANCE.md, "Classifier-free guidance"):
+#: from 0.04 to 0.5 the null class's samples get steadily closer to an unconditional
+#: model's, while guidance at the default scale still gives the asked-for class >= 99% of
+#: the time; at 0.7 the conditional model falls behind.  denoising-diffusion-pytorch's
+#: classifier-free-guidance Unet uses the same 0.5; Ho & Salimans use 0.1-0.2 on ImageNet.
+DEFAULT_CLASS_DROPOUT = 0.5
 
 __all__ = [
     "DEFAULT_CLASS_DROPOUT",
