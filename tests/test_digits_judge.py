@@ -71,3 +71,17 @@ def test_eval_loss_of_an_untrained_unet_is_the_noise_power(tmp_path):
     loss = judge.eval_loss(tmp_path / "ckpt", draws=1)
     assert loss == pytest.approx(1.0, abs=0.01)
     assert judge.eval_loss(tmp_path / "ckpt", draws=1) == loss  # fixed draws: deterministic
+
+
+def test_eval_losses_per_draw_and_labelled_needs_a_conditional_model(tmp_path):
+    from fastdiff import Diffusion, NoiseSchedule
+    from fastdiff.training import model_for_data
+
+    torch.manual_seed(0)
+    Diffusion(model_for_data((1, 16, 16), "tiny"), NoiseSchedule.linear(100), (1, 16, 16)).save(
+        tmp_path / "ckpt"
+    )
+    losses, t = judge.eval_losses(tmp_path / "ckpt", draws=1)
+    assert losses.shape == t.shape == (1797,) and int(t.max()) < 100
+    with pytest.raises(ValueError, match="labelled: this checkpoint is unconditional"):
+        judge.eval_losses(tmp_path / "ckpt", draws=1, labelled=True)

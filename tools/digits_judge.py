@@ -37,11 +37,12 @@ all of them; then the FD of as many null-class (unconditional) samples.
 ``--eval-loss`` needs no sampling: the noise-prediction loss of the checkpoint's EMA model on
 all 1797 digits with 4 fixed (t, eps) draws each (seeded), i.e. the training objective with
 its sampling noise removed, which ranks checkpoints of one data set far more steadily than a
-200-image FD does.
+200-image FD does; overall and per band of t, and for a class-conditional model both for its
+null class and with the digits' labels.
 
 Importable: ``train_judge``, ``judge_images``, ``frechet_distance``, ``reference_scores``,
-``sample_images``, ``eval_loss``, ``class_accuracy``, ``run_guidance_table``.  Not a test
-and not a benchmark: plain ``pytest`` does not collect it.
+``sample_images``, ``eval_loss``, ``eval_losses``, ``class_accuracy``, ``run_guidance_table``.
+Not a test and not a benchmark: plain ``pytest`` does not collect it.
 """
 
 from __future__ import annotations
@@ -261,23 +262,59 @@ def sample_images(checkpoint, n: int = 200, *, seed: int = 0, **sample_kwargs) -
 
 @torch.no_grad()
 def eval_loss(checkpoint, draws: int = 4, seed: int = 123, batch_size: int = 256) -> float:
-    """mean ||g(z_t, t) - eps||^2 of the EMA model over all digits x ``draws`` fixed (t, eps)."""
+    """mean ||g(z_t, t) - eps||^2 of the EMA model over all digits x ``draws`` fixed (t, eps)
+    (a class-conditional model: its null class)."""
+    return float(eval_losses(checkpoint, draws, seed, batch_size)[0].mean())
+
+
+@torch.no_grad()
+def eval_losses(
+    checkpoint, draws: int = 4, seed: int = 123, batch_size: int = 256, labelled: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(losses, t), both (1797 * draws,): ||g(z_t, t[, y]) - eps||^2 per image and draw for
+    the EMA model, with the digits' labels y when ``labelled`` (a class-conditional model),
+    else unconditionally (the null class of a conditional model)."""
     from fastdiff import load
 
     diffusion = load(checkpoint, device="cpu")
+    if labelled and diffusion.num_classes is None:
+        raise ValueError("labelled: this checkpoint is unconditional")
     net = diffusion.ema_model if diffusion.ema_model is not None else diffusion.model
-    x = load_digits()[0].repeat(draws, 1, 1, 1)
+    images, labels = load_digits()
+    x, y = images.repeat(draws, 1, 1, 1), labels.repeat(draws)
     gen = torch.Generator().manual_seed(seed)
     t = torch.randint(0, diffusion.schedule.T, (len(x),), generator=gen)
     eps = torch.randn(x.shape, generator=gen)
     ac = diffusion.schedule.alphas_cumprod.float()
-    total = 0.0
+    losses = torch.empty(len(x))
     for i in range(0, len(x), batch_size):
-        a = ac[t[i : i + batch_size]].view(-1, 1, 1, 1)
-        z = a.sqrt() * x[i : i + batch_size] + (1 - a).sqrt() * eps[i : i + batch_size]
-        pred = net(z, t[i : i + batch_size]).float()
-        total += float(((pred - eps[i : i + batch_size]) ** 2).mean(dim=(1, 2, 3)).sum())
-    return total / len(x)
+        rows = slice(i, i + batch_size)
+        a = ac[t[rows]].view(-1, 1, 1, 1)
+        z = a.sqrt() * x[rows] + (1 - a).sqrt() * eps[rows]
+        pred = net(z, t[rows], y[rows]) if labelled else net(z, t[rows])
+        losses[rows] = ((pred.float() - eps[rows]) ** 2).mean(dim=(1, 2, 3))
+    return losses, t
+
+
+#: t bands of ``--eval-loss``'s breakdown (T = 1000 steps).
+EVAL_BANDS = (0, 50, 200, 400, 600, 800, 1000)
+
+
+def print_eval_losses(checkpoint, draws: int = 4) -> None:
+    """The eval loss, overall and per t band; for a conditional model both its null class
+    and its labelled (conditional) prediction."""
+    from fastdiff import load
+
+    conditional = load(checkpoint, device="cpu").num_classes is not None
+    bands = list(zip(EVAL_BANDS[:-1], EVAL_BANDS[1:], strict=True))
+    print("| prediction | all t | " + " | ".join(f"t {lo}-{hi - 1}" for lo, hi in bands) + " |")
+    print("|---" * (len(bands) + 2) + "|")
+    for name, labelled in [("null class" if conditional else "unconditional", False)] + (
+        [("conditional", True)] if conditional else []
+    ):
+        losses, t = eval_losses(checkpoint, draws, labelled=labelled)
+        cells = [losses.mean()] + [losses[(t >= lo) & (t < hi)].mean() for lo, hi in bands]
+        print(f"| {name} | " + " | ".join(f"{float(c):.5f}" for c in cells) + " |")
 
 
 def load_npz_images(path) -> torch.Tensor:
@@ -461,7 +498,7 @@ def main(argv=None) -> int:
     if args.eval_loss:
         if not args.source or str(args.source).endswith(".npz"):
             p.error("--eval-loss needs a run directory or checkpoint")
-        print(f"{args.source}: eval loss {eval_loss(args.source):.5f}")
+        print_eval_losses(args.source)
         return 0
     net = train_judge(verbose=not args.json)
     if args.guidance_table:
