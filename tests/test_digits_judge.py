@@ -73,15 +73,27 @@ def test_eval_loss_of_an_untrained_unet_is_the_noise_power(tmp_path):
     assert judge.eval_loss(tmp_path / "ckpt", draws=1) == loss  # fixed draws: deterministic
 
 
-def test_eval_losses_per_draw_and_labelled_needs_a_conditional_model(tmp_path):
-    from fastdiff import Diffusion, NoiseSchedule
-    from fastdiff.training import model_for_data
+def test_eval_losses_labelled_feeds_each_digit_its_own_label():
+    """A conditional model whose class rows all equal its null row predicts the same for every
+    label, so labelled == unlabelled losses; moving class 3's row then changes exactly the
+    losses of the digits labelled 3.  An unconditional model refuses ``labelled``."""
+    from fastdiff import Diffusion, NoiseSchedule, UNet
 
+    tiny16 = dict(image_size=16, attention_resolutions=(8,))
     torch.manual_seed(0)
-    Diffusion(model_for_data((1, 16, 16), "tiny"), NoiseSchedule.linear(100), (1, 16, 16)).save(
-        tmp_path / "ckpt"
-    )
-    losses, t = judge.eval_losses(tmp_path / "ckpt", draws=1)
-    assert losses.shape == t.shape == (1797,) and int(t.max()) < 100
+    model = UNet.preset("tiny", **tiny16, num_classes=10)
+    for p in model.parameters():  # no zero-initialised layer: the prediction depends on y
+        torch.nn.init.normal_(p, std=0.05)
+    with torch.no_grad():
+        model.class_embed.weight[:] = model.class_embed.weight[10]
+    d = Diffusion(model, NoiseSchedule.linear(100), (1, 16, 16))
+    null, t = judge.eval_losses(d, draws=1)
+    assert t.shape == null.shape == (1797,) and int(t.max()) < 100
+    assert torch.equal(judge.eval_losses(d, draws=1, labelled=True)[0], null)
+    with torch.no_grad():
+        model.class_embed.weight[3] += 1.0
+    moved = judge.eval_losses(d, draws=1, labelled=True)[0] != null
+    assert torch.equal(moved, judge.load_digits()[1] == 3)
+    unconditional = Diffusion(UNet.preset("tiny", **tiny16), NoiseSchedule.linear(100), (1, 16, 16))
     with pytest.raises(ValueError, match="labelled: this checkpoint is unconditional"):
-        judge.eval_losses(tmp_path / "ckpt", draws=1, labelled=True)
+        judge.eval_losses(unconditional, draws=1, labelled=True)

@@ -273,10 +273,11 @@ def eval_losses(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(losses, t), both (1797 * draws,): ||g(z_t, t[, y]) - eps||^2 per image and draw for
     the EMA model, with the digits' labels y when ``labelled`` (a class-conditional model),
-    else unconditionally (the null class of a conditional model)."""
-    from fastdiff import load
+    else unconditionally (the null class of a conditional model).  ``checkpoint``: a run
+    directory / checkpoint, or a loaded Diffusion."""
+    from fastdiff import Diffusion, load
 
-    diffusion = load(checkpoint, device="cpu")
+    diffusion = checkpoint if isinstance(checkpoint, Diffusion) else load(checkpoint, device="cpu")
     if labelled and diffusion.num_classes is None:
         raise ValueError("labelled: this checkpoint is unconditional")
     net = diffusion.ema_model if diffusion.ema_model is not None else diffusion.model
@@ -301,18 +302,19 @@ EVAL_BANDS = (0, 50, 200, 400, 600, 800, 1000)
 
 
 def print_eval_losses(checkpoint, draws: int = 4) -> None:
-    """The eval loss, overall and per t band; for a conditional model both its null class
-    and its labelled (conditional) prediction."""
+    """The eval loss, overall and per t band (markdown); for a conditional model both its
+    null class and its labelled (conditional) prediction."""
     from fastdiff import load
 
-    conditional = load(checkpoint, device="cpu").num_classes is not None
+    diffusion = load(checkpoint, device="cpu")
+    rows = [("unconditional", False)]
+    if diffusion.num_classes is not None:
+        rows = [("null class", False), ("conditional", True)]
     bands = list(zip(EVAL_BANDS[:-1], EVAL_BANDS[1:], strict=True))
     print("| prediction | all t | " + " | ".join(f"t {lo}-{hi - 1}" for lo, hi in bands) + " |")
     print("|---" * (len(bands) + 2) + "|")
-    for name, labelled in [("null class" if conditional else "unconditional", False)] + (
-        [("conditional", True)] if conditional else []
-    ):
-        losses, t = eval_losses(checkpoint, draws, labelled=labelled)
+    for name, labelled in rows:
+        losses, t = eval_losses(diffusion, draws, labelled=labelled)
         cells = [losses.mean()] + [losses[(t >= lo) & (t < hi)].mean() for lo, hi in bands]
         print(f"| {name} | " + " | ".join(f"{float(c):.5f}" for c in cells) + " |")
 
