@@ -63,7 +63,10 @@ def _add_train(sub) -> None:
     )
     p.add_argument("--batch-size", type=int, default=64, help="images per step [64]")
     p.add_argument(
-        "--preset", default=None, help="UNet preset: digits, cifar10, tiny [chosen from the data]"
+        "--preset",
+        default=None,
+        help="UNet preset: digits, digits_conditional, cifar10, tiny [chosen from the data and"
+        " --conditional]",
     )
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="[auto]")
     p.add_argument(

@@ -28,6 +28,7 @@ naming the path and the cause; the last good checkpoint stays the one latest.jso
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -168,11 +169,13 @@ def model_for_data(
 ) -> UNet:
     """A UNet preset adapted to the data: its channels and size, attention at the same relative
     resolutions, and no more levels than the size allows; class-conditional with
-    ``num_classes``.  Default preset: "digits" for 1x16x16 images, "cifar10" (Ho et al.'s
-    35.7M model) otherwise."""
+    ``num_classes``.  Default preset: "digits" for 1x16x16 images ("digits_conditional" with
+    ``num_classes``), "cifar10" (Ho et al.'s 35.7M model) otherwise."""
     C, H, W = image_shape
-    if preset is None:
-        preset = "digits" if (C, H, W) == (1, 16, 16) else "cifar10"
+    if preset is None and (C, H, W) == (1, 16, 16):
+        preset = "digits" if num_classes is None else "digits_conditional"
+    elif preset is None:
+        preset = "cifar10"
     if preset not in PRESETS:
         raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
     cfg = dict(PRESETS[preset])
@@ -186,6 +189,15 @@ def model_for_data(
     )
     cfg.update(in_channels=C, image_size=H, channel_mult=mult, attention_resolutions=attn)
     return UNet(**cfg, num_classes=num_classes)
+
+
+def model_config(
+    image_shape: tuple[int, int, int], preset: str | None = None, num_classes: int | None = None
+) -> dict:
+    """The ``config`` (as JSON stores it) of :func:`model_for_data`'s model, built on the
+    meta device (no weights)."""
+    with torch.device("meta"):
+        return json.loads(json.dumps(model_for_data(image_shape, preset, num_classes).config))
 
 
 def step_seed(run_seed: int, step: int, rank: int = 0, world: int = 1) -> int:
@@ -855,6 +867,30 @@ class _Run:
                 f"checkpoint: {str(directory)!r} was trained on images of shape"
                 f" {config.get('image_shape')}, the data has {list(self.image_shape)}"
             )
+        self._check_same_unet(config.get("model", {}).get("config"), directory)
+
+    def _check_same_unet(self, saved: dict | None, directory: Path) -> None:
+        """A UNet checkpoint resumes only into the same architecture: name what differs and,
+        where the checkpoint's model is a preset, the preset that rebuilds it (a run started
+        before the default preset changed, e.g. a conditional digits run before
+        "digits_conditional", needs its own)."""
+        if saved is None or not isinstance(self.model, UNet):
+            return
+        mine = json.loads(json.dumps(self.model.config))
+        if saved == mine:
+            return
+        diff = ", ".join(
+            f"{k}={saved.get(k)!r} (this run: {mine.get(k)!r})"
+            for k in sorted(set(saved) | set(mine))
+            if saved.get(k) != mine.get(k)
+        )
+        names = [
+            name
+            for name in PRESETS
+            if model_config(self.image_shape, name, saved.get("num_classes")) == saved
+        ]
+        hint = f"; pass preset={names[0]!r} (--preset {names[0]}) to resume it" if names else ""
+        raise CheckpointError(f"checkpoint: {str(directory)!r} holds a UNet with {diff}{hint}")
 
 
 def _data_name(data) -> str | None:

@@ -109,6 +109,21 @@ def test_resume_checks_class_dropout_only_for_conditional_runs(tmp_path):
         fastdiff.train(x, steps=4, out_dir=tmp_path / "c", resume=True, class_dropout=0.5, **kw)
 
 
+def test_resume_names_the_preset_of_a_run_started_with_another_model(tmp_path):
+    """A conditional 16x16 run started with the 1.1M ``digits`` preset (the default before
+    ``digits_conditional``) resumed without a preset: the error names what differs and the
+    preset that rebuilds it, before any weights load; with that preset it resumes."""
+    x, y = tiny_data(n=4, size=16), torch.arange(4) % K
+    kw = dict(batch_size=2, conditional=True, labels=y, **GRID,
+              **{k: v for k, v in TINY.items() if k != "preset"})  # fmt: skip
+    fastdiff.train(x, steps=1, preset="digits", out_dir=tmp_path, **kw)
+    with pytest.raises(CheckpointError, match=r"channel_mult=\[1, 2, 2\] \(this run: \[1, 2, 4\]\)"
+                       r".*preset='digits' \(--preset digits\)"):  # fmt: skip
+        fastdiff.train(x, steps=2, resume=True, out_dir=tmp_path, **kw)
+    d = fastdiff.train(x, steps=2, resume=True, preset="digits", out_dir=tmp_path, **kw)
+    assert d.model.config["channel_mult"] == [1, 2, 2]
+
+
 def test_captured_conditional_step_equals_the_eager_one(emulated_cuda, monkeypatch):
     """Strict: the label generator must be registered with the graph (an unregistered one
     fails the capture), and 3 warm-up steps + capture + 2 replays == 5 eager steps."""
@@ -267,3 +282,21 @@ def test_conditional_elbo_uses_the_labels():
     assert got["conditional"] and not want["conditional"]
     assert got["bits_per_dim"] == pytest.approx(want["bits_per_dim"], rel=1e-6)
     assert abs(bits_per_dim(d, x, batch_size=4)["bits_per_dim"] - got["bits_per_dim"]) > 1e-3
+
+
+def test_conditional_digits_get_the_wider_preset():
+    """1x16x16 data: a conditional run gets ``digits_conditional`` (its 4x4 level twice as
+    wide; the null class needs the capacity, docs/PERFORMANCE.md), an unconditional one
+    ``digits``; a preset the user names wins either way."""
+    from fastdiff.training import model_for_data
+
+    with torch.device("meta"):
+        conditional = model_for_data((1, 16, 16), num_classes=10)
+        unconditional = model_for_data((1, 16, 16))
+        named = model_for_data((1, 16, 16), "digits", num_classes=10)
+    assert conditional.config["channel_mult"] == [1, 2, 4]
+    assert conditional.num_classes == 10
+    assert unconditional.config["channel_mult"] == [1, 2, 2]
+    assert unconditional.num_classes is None
+    assert named.config["channel_mult"] == [1, 2, 2]
+    assert named.num_classes == 10
