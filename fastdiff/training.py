@@ -191,13 +191,9 @@ def model_for_data(
     return UNet(**cfg, num_classes=num_classes)
 
 
-def model_config(
-    image_shape: tuple[int, int, int], preset: str | None = None, num_classes: int | None = None
-) -> dict:
-    """The ``config`` (as JSON stores it) of :func:`model_for_data`'s model, built on the
-    meta device (no weights)."""
-    with torch.device("meta"):
-        return json.loads(json.dumps(model_for_data(image_shape, preset, num_classes).config))
+def _stored_config(model: UNet) -> dict:
+    """``model.config`` as a checkpoint's config.json holds it (tuples become lists)."""
+    return json.loads(json.dumps(model.config))
 
 
 def step_seed(run_seed: int, step: int, rank: int = 0, world: int = 1) -> int:
@@ -876,7 +872,7 @@ class _Run:
         "digits_conditional", needs its own)."""
         if saved is None or not isinstance(self.model, UNet):
             return
-        mine = json.loads(json.dumps(self.model.config))
+        mine = _stored_config(self.model)
         if saved == mine:
             return
         diff = ", ".join(
@@ -884,11 +880,11 @@ class _Run:
             for k in sorted(set(saved) | set(mine))
             if saved.get(k) != mine.get(k)
         )
-        names = [
-            name
-            for name in PRESETS
-            if model_config(self.image_shape, name, saved.get("num_classes")) == saved
-        ]
+        with torch.device("meta"):  # configs only, no weights
+            models = {
+                n: model_for_data(self.image_shape, n, saved.get("num_classes")) for n in PRESETS
+            }
+        names = [name for name, model in models.items() if _stored_config(model) == saved]
         hint = f"; pass preset={names[0]!r} (--preset {names[0]}) to resume it" if names else ""
         raise CheckpointError(f"checkpoint: {str(directory)!r} holds a UNet with {diff}{hint}")
 
