@@ -29,6 +29,22 @@ def test_frechet_distance_closed_form():
     assert judge.frechet_distance(a @ mix, a @ mix + 3.0) == pytest.approx(9.0 * d, rel=1e-6)
 
 
+def test_frechet_mean_term_is_the_squared_distance_of_the_means():
+    """N(0, I) against N(0.5, 4 I) in d dims: mean term d * 0.5^2 (exact for the sample means),
+    the rest d * (1 - 2)^2; a shifted copy of a cloud differs by its mean term alone."""
+    rng = np.random.default_rng(1)
+    d, n = 4, 200_000
+    a = rng.standard_normal((n, d))
+    b = 0.5 + 2.0 * rng.standard_normal((n, d))
+    terms = judge.frechet_terms(a, b)
+    assert terms["fd_mean"] == pytest.approx(((a.mean(0) - b.mean(0)) ** 2).sum(), rel=1e-12)
+    assert terms["fd_mean"] == pytest.approx(d * 0.5**2, rel=0.02)
+    assert terms["fd"] - terms["fd_mean"] == pytest.approx(d * (1.0 - 2.0) ** 2, rel=0.02)
+    shifted = judge.frechet_terms(a, a + np.arange(d))
+    assert shifted["fd_mean"] == pytest.approx(float((np.arange(d) ** 2).sum()), rel=1e-9)
+    assert shifted["fd"] == pytest.approx(shifted["fd_mean"], abs=1e-8)
+
+
 @pytest.mark.slow
 def test_real_digits_score_far_lower_than_noise(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTDIFF_CACHE", str(tmp_path))

@@ -7,6 +7,7 @@ reference set and 200 the "real" comparison set.  For N images it reports
     fd          Frechet distance between the Gaussians fitted to the classifier's penultimate
                 features (64-d) of the images and of the reference set (lower is better):
                 |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2)
+    fd_mean     its mean term |mu1 - mu2|^2 (how far the average image is off)
     confidence  mean max-softmax probability (how sure the classifier is of each image)
     histogram   how many images fall in each predicted class 0..9
 
@@ -40,8 +41,9 @@ its sampling noise removed, which ranks checkpoints of one data set far more ste
 200-image FD does; overall and per band of t, and for a class-conditional model both for its
 null class and with the digits' labels.
 
-Importable: ``train_judge``, ``judge_images``, ``frechet_distance``, ``reference_scores``,
-``sample_images``, ``eval_loss``, ``eval_losses``, ``class_accuracy``, ``run_guidance_table``.
+Importable: ``train_judge``, ``judge_images``, ``frechet_distance``, ``frechet_terms``,
+``reference_scores``, ``sample_images``, ``eval_loss``, ``eval_losses``, ``class_accuracy``,
+``run_guidance_table``.
 Not a test and not a benchmark: plain ``pytest`` does not collect it.
 """
 
@@ -63,6 +65,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fastdiff.images import to_model_range, to_uint8
+from fastdiff.metrics import frechet_distance as frechet_distance_of_stats
 
 #: (train, reference, real-comparison) sizes of the fixed split of the 1797 built-in digits.
 SPLIT = (1197, 400, 200)
@@ -198,19 +201,21 @@ def held_out_accuracy(net: JudgeNet) -> float:
     return float((net(x).argmax(1) == y).float().mean())
 
 
-def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to feature sets (n1, d) and (n2, d), float64.
-
-    tr((S1 S2)^1/2) is computed as the sum of the square roots of the eigenvalues of the
-    symmetric PSD matrix S1^1/2 S2 S1^1/2 (same spectrum), which needs no scipy.
-    """
+def frechet_terms(f1: np.ndarray, f2: np.ndarray) -> dict:
+    """The Frechet distance between Gaussians fitted to feature sets (n1, d) and (n2, d), and its
+    mean term: ``{"fd": |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2), "fd_mean": |mu1 - mu2|^2}``
+    (float64; the distance is ``fastdiff.metrics.frechet_distance`` of the fitted statistics).
+    The mean term moves with the images' average features (e.g. their class mix); the rest
+    compares the covariances."""
     f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
     mu1, mu2 = f1.mean(0), f2.mean(0)
-    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
-    w, v = np.linalg.eigh(s1)
-    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    cross = np.sqrt(np.clip(np.linalg.eigvalsh(root1 @ s2 @ root1), 0, None)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * cross)
+    fd = frechet_distance_of_stats(mu1, np.cov(f1, rowvar=False), mu2, np.cov(f2, rowvar=False))
+    return {"fd": fd, "fd_mean": float(((mu1 - mu2) ** 2).sum())}
+
+
+def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to feature sets (n1, d) and (n2, d)."""
+    return frechet_terms(f1, f2)["fd"]
 
 
 def _as_judge_input(images) -> torch.Tensor:
@@ -234,7 +239,7 @@ def judge_images(images, net: JudgeNet | None = None) -> dict:
     probs = net.head(features).softmax(1)
     return {
         "n": len(x),
-        "fd": frechet_distance(features.numpy(), ref_features),
+        **frechet_terms(features.numpy(), ref_features),
         "confidence": float(probs.max(1).values.mean()),
         "histogram": torch.bincount(probs.argmax(1), minlength=10).tolist(),
     }
@@ -450,7 +455,8 @@ def _print_row(label: str, result: dict, seconds: float | None, as_json: bool) -
 def _format(name: str, result: dict, seconds: float | None = None) -> str:
     took = f"  ({seconds:.0f} s)" if seconds is not None else ""
     return (
-        f"{name}: FD {result['fd']:.2f}, confidence {result['confidence']:.3f},"
+        f"{name}: FD {result['fd']:.2f} (mean term {result['fd_mean']:.2f}),"
+        f" confidence {result['confidence']:.3f},"
         f" classes {result['histogram']}{took}"
     )
 
