@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import distributed
+from .ema import DEFAULT_POWER
 from .errors import FastDiffError
 from .inception import ENV_PATH, FILE_NAME
 from .labels import DEFAULT_CLASS_DROPOUT
@@ -94,6 +95,13 @@ def _add_train(sub) -> None:
     )
     p.add_argument(
         "--ema-decay", type=float, default=DEFAULT_EMA_DECAY, help=f"[{DEFAULT_EMA_DECAY}]"
+    )
+    p.add_argument(
+        "--ema-power",
+        type=float,
+        default=DEFAULT_POWER,
+        help="EMA warm-up profile: step j weighs about (j/k)^power in the average at step k;"
+        f" smaller averages longer [{DEFAULT_POWER:g}]",
     )
     p.add_argument(
         "--image-size",
@@ -422,6 +430,7 @@ def _run_train(args) -> int:
         warmup_steps=args.warmup_steps,
         lr_schedule=args.lr_schedule,
         ema_decay=args.ema_decay,
+        ema_power=args.ema_power,
         image_size=args.image_size,
         seed=args.seed,
         device=args.device,

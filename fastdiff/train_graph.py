@@ -17,7 +17,7 @@ it itself, from a device step counter k:
     seed_k  = seed * 2**32 + k * world + rank       training.step_seed
     lr_k    = lr * min(1, (k + 1) / warmup_steps)   written into the optimizer's lr tensor
               (* cosine decay with lr_schedule="cosine": lr_schedule below)
-    decay_k = min(ema_decay, (1 + k) / (10 + k))    EMA.decay_at
+    decay_k = min(ema_decay, (1+k) / (k+g+2))       EMA.decay_at (g: ema_power)
     losses[k % log_every] = loss;  k += 1
 
 The rest is the eager step (training._Run.train_step): q_sample, forward under autocast,
@@ -85,11 +85,11 @@ def lr_schedule(
     return rate
 
 
-def ema_decay(step: torch.Tensor, decay: float) -> torch.Tensor:
-    """min(decay, (1 + k) / (10 + k)), float64 shaped like k: bit for bit
+def ema_decay(step: torch.Tensor, decay: float, power: float) -> torch.Tensor:
+    """min(decay, (1 + k) / (k + power + 2)), float64 shaped like k: bit for bit
     ``EMA.decay_at(k)``."""
     k = step.double()
-    return ((k + 1.0) / (k + 10.0)).clamp(max=decay)
+    return ((k + 1.0) / (k + (power + 2.0))).clamp(max=decay)
 
 
 def step_seed(step: torch.Tensor, run_seed: int, rank: int = 0, world: int = 1) -> torch.Tensor:
@@ -343,6 +343,6 @@ class GraphStep:
             self.lr.copy_(lr_schedule(k, cfg.lr, cfg.warmup_steps, cfg.lr_schedule, cfg.steps))
             run.clipped_update()
         with phase("EMA"):
-            run.ema.update_with((1.0 - ema_decay(k, run.ema.decay)).float())
+            run.ema.update_with((1.0 - ema_decay(k, run.ema.decay, run.ema.power)).float())
         run.losses.index_copy_(0, (k % cfg.log_every).reshape(1), loss.detach().reshape(1))
         k.add_(1)

@@ -42,7 +42,7 @@ from . import checkpoint as ckpt
 from . import cuda_graphs, distributed, ops, preemption, train_graph
 from .data import make_batches, resolve_data
 from .diffusion import Diffusion, build_model
-from .ema import EMA
+from .ema import DEFAULT_POWER, EMA, check_power
 from .errors import CheckpointError, DataError, FastDiffError, OutputError
 from .fid_monitor import FIDMonitor
 from .images import save_image_grid
@@ -93,6 +93,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
+    ema_power: float = DEFAULT_POWER
     precision: str = "auto"
     channels_last: bool | None = None
     seed: int = 0
@@ -125,6 +126,7 @@ def _check_config(cfg: TrainConfig) -> None:
     ]:
         require_int(name, getattr(cfg, name), minimum)
     require_int("seed", cfg.seed, 0, 2**31 - 1)
+    check_power(cfg.ema_power)
     for name in ("lr", "grad_clip"):
         value = getattr(cfg, name)
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -253,6 +255,7 @@ def train(
     weight_decay: float = 0.0,
     grad_clip: float = 1.0,
     ema_decay: float = 0.9999,
+    ema_power: float = DEFAULT_POWER,
     precision: str = "auto",
     channels_last=None,
     preset: str | None = None,
@@ -297,6 +300,9 @@ def train(
             ``steps``: lr * 0.5 (1 + cos(pi (k - warmup) / (steps - warmup))); resuming to a
             larger ``steps`` stretches what is left of the decay).
         ema_decay: decay of the weights' moving average (with warm-up, see fastdiff.ema).
+        ema_power: the warm-up's profile, decay_k = min(ema_decay, (1 + k) / (k + ema_power
+            + 2)): the average at step k weights step j by about (j / k)^ema_power
+            (fastdiff.ema); 8 is diffusers' (1 + k) / (10 + k), smaller averages longer.
         precision: "auto", "fp32", "bf16" or "fp16" (with a GradScaler); see
             fastdiff.precision for what auto picks.
         channels_last: True / False / None (auto: on for CUDA, off on CPU).
@@ -365,6 +371,7 @@ def train(
         weight_decay=weight_decay,
         grad_clip=grad_clip,
         ema_decay=ema_decay,
+        ema_power=ema_power,
         precision=precision,
         channels_last=channels_last,
         seed=seed,
@@ -457,7 +464,7 @@ class _Run:
             capturable=graph,
         )  # fmt: skip
         self.scaler = torch.amp.GradScaler(device.type, enabled=prec.grad_scaling)
-        self.ema = EMA(model, cfg.ema_decay)
+        self.ema = EMA(model, cfg.ema_decay, cfg.ema_power)
         self.t_gen = torch.Generator(device=device).manual_seed(rank_seed + 1)
         # The class-dropout draws (conditional runs): a generator of their own, registered
         # with the captured step like t_gen, and checkpointed for exact resume.
@@ -847,7 +854,7 @@ class _Run:
     def _check_compatible(self, config: dict, directory: Path) -> None:
         saved = config.get("train", {})
         mine = asdict(self.cfg)
-        keys = ["batch_size", "seed", "precision", "conditional"]
+        keys = ["batch_size", "seed", "precision", "conditional", "ema_power"]
         if saved.get("conditional"):  # an unconditional run never draws label dropout
             keys.append("class_dropout")
         for key in keys:

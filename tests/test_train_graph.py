@@ -83,10 +83,11 @@ def test_device_lr_schedule_is_the_eager_one_bit_for_bit(warmup):
 
 
 @pytest.mark.parametrize("decay", [0.9999, 0.999, 0.5, 0.0])
-def test_device_ema_decay_is_the_eager_one_bit_for_bit(decay):
-    ema = EMA(torch.nn.Linear(1, 1), decay)
+@pytest.mark.parametrize("power", [8.0, 0.0, 2.5])
+def test_device_ema_decay_is_the_eager_one_bit_for_bit(decay, power):
+    ema = EMA(torch.nn.Linear(1, 1), decay, power)
     want = torch.tensor([ema.decay_at(s) for s in STEPS], dtype=torch.float64)
-    assert torch.equal(train_graph.ema_decay(torch.tensor(STEPS), decay), want)
+    assert torch.equal(train_graph.ema_decay(torch.tensor(STEPS), decay, power), want)
 
 
 @pytest.mark.parametrize("seed,rank,world", [(0, 0, 1), (7, 1, 2), (2**31 - 1, 3, 4)])
