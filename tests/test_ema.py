@@ -1,5 +1,6 @@
 """The EMA's warm-up profile (fastdiff.ema): closed forms of the average for ema_power 0 and 1,
-diffusers' (1 + k) / (10 + k) as the default, the conditional default, and bad values named.
+diffusers' (1 + k) / (10 + k) as the default, the value train() uses and records, resume
+refusing another, and bad values named.
 
 With decay_k = (1 + k) / (k + power + 2) the average after steps 0..k is, by induction,
     power 0:  (w_init + w_0 + ... + w_k) / (k + 2)                         (the plain mean)
