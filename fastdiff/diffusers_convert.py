@@ -166,13 +166,17 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
         mid_block_scale_factor=1,
         downsample_type="conv",
         upsample_type="conv",
-        resnet_time_scale_shift="default",
         add_attention=True,
         class_embed_type=None,
     )
     for key, want in required.items():
         if cfg[key] != want:
             raise NotExpressible(f"{key}={cfg[key]!r} (fastdiff's UNet has {want!r})")
+    shift = cfg["resnet_time_scale_shift"]
+    if shift not in ("default", "scale_shift"):
+        raise NotExpressible(
+            f"resnet_time_scale_shift={shift!r} (fastdiff's UNet has 'default' or 'scale_shift')"
+        )
     embeds = cfg["num_class_embeds"]
     if embeds is not None and (not isinstance(embeds, int) or embeds < 2):
         raise NotExpressible(
@@ -208,6 +212,12 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
             f"attn_norm_num_groups={cfg['attn_norm_num_groups']!r} differs from"
             f" norm_num_groups={groups!r}"
         )
+    if shift == "scale_shift" and cfg["attn_norm_num_groups"] is None:
+        # UNetMidBlock2D gives its attention a GroupNorm only for "default" unless told.
+        raise NotExpressible(
+            "resnet_time_scale_shift='scale_shift' with attn_norm_num_groups=None: the middle"
+            " block's attention has no GroupNorm (fastdiff's UNet has one)"
+        )
     widths = sorted({c for c, a in zip(block_out, attn_down, strict=True) if a} | {block_out[-1]})
     head_dim = cfg["attention_head_dim"]
     if head_dim is None:
@@ -236,6 +246,7 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
         flip_sin_to_cos=cfg["flip_sin_to_cos"],
         freq_shift=cfg["freq_shift"],
         num_classes=None if embeds is None else embeds - 1,
+        scale_shift_norm=shift == "scale_shift",
     )
     if out["downsample_padding"] not in (0, 1) or out["freq_shift"] not in (0, 1):
         raise NotExpressible(
@@ -288,6 +299,12 @@ def unet_config_to_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
         "norm_num_groups": cfg["num_groups"],
         "norm_eps": cfg["norm_eps"],
         "num_class_embeds": None if cfg["num_classes"] is None else cfg["num_classes"] + 1,
+        # scale_shift needs the middle attention's GroupNorm named (see the import above).
+        **(
+            {"resnet_time_scale_shift": "scale_shift", "attn_norm_num_groups": cfg["num_groups"]}
+            if cfg["scale_shift_norm"]
+            else {}
+        ),
     }
 
 

@@ -984,7 +984,24 @@ def _check_affine(name: str, p, x: torch.Tensor) -> None:
         raise ValueError(f"{name}: expected device {x.device} like x, got {p.device}")
 
 
-def _check_group_norm_args(x, num_groups, weight, bias, eps, silu) -> None:
+def _check_modulation(scale, shift, x: torch.Tensor) -> None:
+    if (scale is None) != (shift is None):
+        raise ValueError("scale, shift: give both (scale-shift conditioning) or neither")
+    want = (x.shape[0], x.shape[1])
+    for name, p in (("scale", scale), ("shift", shift)):
+        if p is None:
+            continue
+        if not isinstance(p, torch.Tensor) or not p.is_floating_point() or p.shape != want:
+            got = tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
+            raise ValueError(
+                f"{name}: expected a floating tensor of shape {want} (one per sample and"
+                f" channel), got {got}"
+            )
+        if p.device != x.device:
+            raise ValueError(f"{name}: expected device {x.device} like x, got {p.device}")
+
+
+def _check_group_norm_args(x, num_groups, weight, bias, eps, silu, scale, shift) -> None:
     _check_images("x", x)
     C = x.shape[1]
     require_int("num_groups", num_groups)
@@ -992,6 +1009,7 @@ def _check_group_norm_args(x, num_groups, weight, bias, eps, silu) -> None:
         raise ValueError(f"num_groups: expected a divisor of the {C} channels, got {num_groups}")
     _check_affine("weight", weight, x)
     _check_affine("bias", bias, x)
+    _check_modulation(scale, shift, x)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"eps: expected a positive number, got {eps!r}")
     _check_flag("silu", silu)
@@ -1005,12 +1023,15 @@ def group_norm_silu(
     eps: float = 1e-5,
     silu: bool = True,
     *,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
     validate: bool = True,
 ) -> torch.Tensor:
     """GroupNorm over ``num_groups`` groups of x's channels, then (``silu``) SiLU.
 
         y   = (x - mean_g) / sqrt(var_g + eps) * weight[c] + bias[c]   (biased var, per sample
                                                                          and group, fp32)
+        y   = y * (1 + scale[n, c]) + shift[n, c]                      (with scale, shift)
         out = y * sigmoid(y) if silu else y
 
     Args:
@@ -1018,24 +1039,34 @@ def group_norm_silu(
         num_groups: a positive divisor of C.
         weight, bias: (C,) affine parameters (any float dtype) or None (1 and 0).
         eps: added to the variance, > 0.
+        scale, shift: (N, C) per-sample modulation (scale-shift conditioning), both or None.
         validate: check the arguments (modules that built their parameters pass False).
     Returns:
-        out, shaped, typed and laid out like x; differentiable w.r.t. x, weight and bias.
+        out, shaped, typed and laid out like x; differentiable w.r.t. x, weight, bias, scale
+        and shift.
 
     A 4-d channels_last x that dispatch sends to Triton (CUDA tensors by default) runs the
     fused kernels of ``kernels.group_norm`` (one statistics pass, one normalising pass; the
     backward likewise), also under torch.compile (a ``fastdiff::group_norm_silu`` custom op).
     Everything else -- contiguous x included, where torch's own kernels are good -- runs
-    ``F.group_norm`` then ``F.silu`` exactly as a plain nn.GroupNorm + SiLU would.
+    ``F.group_norm`` then ``F.silu`` exactly as a plain nn.GroupNorm + SiLU would.  With
+    ``scale`` and ``shift`` the kernels take the folded per-sample affine
+    ``weight (1 + scale)``, ``bias (1 + scale) + shift`` ((N, C), fp32, formed by torch, so
+    autograd carries its gradient to weight, bias, scale and shift).
     """
     if validate:
-        _check_group_norm_args(x, num_groups, weight, bias, eps, silu)
+        _check_group_norm_args(x, num_groups, weight, bias, eps, silu, scale, shift)
     if group_norm_backend(x) == "reference":
-        return ref.group_norm_silu_reference(x, num_groups, weight, bias, float(eps), silu)
+        return ref.group_norm_silu_reference(
+            x, num_groups, weight, bias, float(eps), silu, scale, shift
+        )
     if weight is None:
         weight = torch.ones(x.shape[1], dtype=torch.float32, device=x.device)
     if bias is None:
         bias = torch.zeros(x.shape[1], dtype=weight.dtype, device=x.device)
+    if scale is not None:
+        gain = 1 + scale.float()
+        weight, bias = weight.float() * gain, bias.float() * gain + shift.float()
     return _group_norm_silu_op(x, weight, bias, num_groups, float(eps), silu)[0]
 
 

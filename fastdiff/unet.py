@@ -159,9 +159,23 @@ class GroupNormSiLU(nn.GroupNorm):
         super().__init__(num_groups, num_channels, eps=eps)
         self.silu = silu
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        scale: torch.Tensor | None = None,
+        shift: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (N, C, H, W); scale, shift (N, C) or None: silu(GroupNorm(x) (1 + scale) + shift)."""
         return ops.group_norm_silu(
-            x, self.num_groups, self.weight, self.bias, self.eps, self.silu, validate=False
+            x,
+            self.num_groups,
+            self.weight,
+            self.bias,
+            self.eps,
+            self.silu,
+            scale=scale,
+            shift=shift,
+            validate=False,
         )
 
     def extra_repr(self) -> str:
@@ -169,13 +183,28 @@ class GroupNormSiLU(nn.GroupNorm):
 
 
 class ResBlock(nn.Module):
-    """(B, c_in, H, W), time embedding (B, temb_dim) -> (B, c_out, H, W)."""
+    """(B, c_in, H, W), time embedding (B, temb_dim) -> (B, c_out, H, W).
 
-    def __init__(self, c_in: int, c_out: int, temb_dim: int, dropout: float, groups: int):
+    The embedding e = temb_proj(silu(temb)) enters between conv1 and norm2: added,
+    norm2(h + e), or with ``scale_shift`` split into (scale, shift) = e, (B, c_out) each, as
+    silu(GroupNorm(h) (1 + scale) + shift) (guided-diffusion's ``use_scale_shift_norm``,
+    diffusers' ``resnet_time_scale_shift="scale_shift"``).
+    """
+
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        temb_dim: int,
+        dropout: float,
+        groups: int,
+        scale_shift: bool = False,
+    ):
         super().__init__()
+        self.scale_shift = scale_shift
         self.norm1 = GroupNormSiLU(groups, c_in)
         self.conv1 = _conv3x3(c_in, c_out)
-        self.temb_proj = nn.Linear(temb_dim, c_out)
+        self.temb_proj = nn.Linear(temb_dim, 2 * c_out if scale_shift else c_out)
         self.norm2 = GroupNormSiLU(groups, c_out)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = _conv3x3(c_out, c_out)
@@ -183,8 +212,13 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(self.norm1(x))
-        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(self.norm2(h)))
+        e = self.temb_proj(F.silu(temb))
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.norm2(h, scale, shift)
+        else:
+            h = self.norm2(h + e[:, :, None, None])
+        h = self.conv2(self.dropout(h))
         return self.skip(x) + h
 
 
@@ -272,6 +306,10 @@ class UNet(nn.Module):
     as diffusers' UNet2DModel does with ``num_class_embeds``; row K is the learned *null*
     class, the unconditional prediction of classifier-free guidance (y=None means it).  The
     rows start at zero, so the untrained model is the same for every class.
+
+    ``scale_shift_norm=True``: every residual block takes the (time + class) embedding as a
+    per-channel scale and shift of its second GroupNorm instead of a bias added before it
+    (see ResBlock; diffusers' ``resnet_time_scale_shift="scale_shift"``).
     """
 
     def __init__(
@@ -292,6 +330,7 @@ class UNet(nn.Module):
         flip_sin_to_cos: bool = False,
         freq_shift: int = 1,
         num_classes: int | None = None,
+        scale_shift_norm: bool = False,
     ):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
@@ -317,6 +356,10 @@ class UNet(nn.Module):
             raise FastDiffError(f"flip_sin_to_cos must be True or False, got {flip_sin_to_cos!r}")
         if freq_shift not in (0, 1) or isinstance(freq_shift, bool):
             raise FastDiffError(f"freq_shift must be 0 or 1, got {freq_shift!r}")
+        if not isinstance(scale_shift_norm, bool):
+            raise FastDiffError(
+                f"scale_shift_norm must be True or False, got {scale_shift_norm!r}"
+            )
         if num_classes is not None and (not _is_int(num_classes) or num_classes < 1):
             raise FastDiffError(
                 f"num_classes must be None or a positive integer, got {num_classes!r}"
@@ -337,6 +380,7 @@ class UNet(nn.Module):
             flip_sin_to_cos=flip_sin_to_cos,
             freq_shift=freq_shift,
             num_classes=num_classes,
+            scale_shift_norm=scale_shift_norm,
         )
         self.num_classes = num_classes
         self.in_channels = in_channels
@@ -351,7 +395,7 @@ class UNet(nn.Module):
         self.class_embed = None if num_classes is None else nn.Embedding(num_classes + 1, temb_dim)
 
         def res(c_in: int, c_out: int) -> ResBlock:
-            return ResBlock(c_in, c_out, temb_dim, dropout, num_groups)
+            return ResBlock(c_in, c_out, temb_dim, dropout, num_groups, scale_shift_norm)
 
         def attn(c: int) -> AttnBlock:
             return AttnBlock(c, num_groups, num_heads)

@@ -5,12 +5,15 @@
     mu, var  = mean and biased variance of the group (fp32)       rstd = 1 / sqrt(var + eps)
     xhat     = (x - mu) rstd
     y        = xhat w[c] + b[c]                                    (the GroupNorm)
+               or xhat w[n, c] + b[n, c] with a per-sample affine (scale-shift conditioning
+               folded in by the caller: w (1 + scale), b (1 + scale) + shift)
     out      = silu(y) = y sigmoid(y)   (SILU; else out = y)       dtype and layout of x
 
 Backward, for d out: dy = d out * silu'(y) = d out s (1 + y (1 - s)), s = sigmoid(y) (or
 d out), and per (sample, group) S1 = sum w dy, S2 = sum w dy xhat:
 
     dx = rstd (w dy - (S1 + xhat S2) / M),   dw[c] = sum_{n,h,w} dy xhat,   db[c] = sum dy
+    (per-sample affine: dw[n, c] = sum_{h,w} dy xhat, db[n, c] = sum_{h,w} dy)
 
 Passes over memory: forward reads x twice (statistics, then normalise) and writes out once;
 backward reads x and d out twice each and writes dx once.  eager torch (GroupNorm, then SiLU,
@@ -55,13 +58,18 @@ def _tile(n, p0, HW, C, BLOCK_P: tl.constexpr, C_PAD: tl.constexpr):
 
 
 @triton.jit
-def _channel_params(n, w_ptr, b_ptr, mean_ptr, rstd_ptr, C, Cg, G, C_PAD: tl.constexpr):
-    """Per-channel (1, C_PAD) fp32 weight, bias, group mean and rstd of sample n."""
+def _channel_params(
+    n, w_ptr, b_ptr, mean_ptr, rstd_ptr, C, Cg, G, affine_stride, C_PAD: tl.constexpr
+):
+    """Per-channel (1, C_PAD) fp32 weight, bias, group mean and rstd of sample n.
+
+    affine_stride: 0 for a (C,) affine shared by all samples, C for a (N, C) one."""
     c = tl.arange(0, C_PAD)
     cm = c < C
     grp = n * G + c // Cg
-    w = tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + c, mask=cm, other=0.0).to(tl.float32)
+    row = n * affine_stride + c
+    w = tl.load(w_ptr + row, mask=cm, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + row, mask=cm, other=0.0).to(tl.float32)
     mu = tl.load(mean_ptr + grp, mask=cm, other=0.0)
     rstd = tl.load(rstd_ptr + grp, mask=cm, other=0.0)
     return w[None, :], b[None, :], mu[None, :], rstd[None, :]
@@ -146,13 +154,15 @@ def group_norm_combine_kernel(
 
 @triton.jit
 def group_norm_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, out_ptr, HW, C, Cg, G, blocks,
+    x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, out_ptr, HW, C, Cg, G, blocks, affine_stride,
     C_PAD: tl.constexpr, BLOCK_P: tl.constexpr, SILU: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     n = pid // blocks
     offs, mask, _ = _tile(n, (pid % blocks) * BLOCK_P, HW, C, BLOCK_P, C_PAD)
-    w, b, mu, rstd = _channel_params(n, w_ptr, b_ptr, mean_ptr, rstd_ptr, C, Cg, G, C_PAD)
+    w, b, mu, rstd = _channel_params(
+        n, w_ptr, b_ptr, mean_ptr, rstd_ptr, C, Cg, G, affine_stride, C_PAD
+    )
     x = tl.load(x_ptr + offs, mask=mask, other=mu).to(tl.float32)  # xhat = 0 off-mask
     y = (x - mu) * (rstd * w) + b
     if SILU:
@@ -163,7 +173,7 @@ def group_norm_fwd_kernel(
 @triton.jit
 def group_norm_bwd_stats_kernel(
     x_ptr, dout_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr,
-    HW, C, Cg, G, pixels_per_chunk, chunks,
+    HW, C, Cg, G, pixels_per_chunk, chunks, affine_stride,
     C_PAD: tl.constexpr, BLOCK_P: tl.constexpr, SILU: tl.constexpr,
 ):  # fmt: skip
     """part[n, k, 0, c] = sum dy xhat, part[n, k, 1, c] = sum dy over chunk k of sample n."""
@@ -171,7 +181,9 @@ def group_norm_bwd_stats_kernel(
     n = pid // chunks
     start = (pid % chunks) * pixels_per_chunk
     end = tl.minimum(start + pixels_per_chunk, HW)
-    w, b, mu, rstd = _channel_params(n, w_ptr, b_ptr, mean_ptr, rstd_ptr, C, Cg, G, C_PAD)
+    w, b, mu, rstd = _channel_params(
+        n, w_ptr, b_ptr, mean_ptr, rstd_ptr, C, Cg, G, affine_stride, C_PAD
+    )
     sum_dy_xhat = tl.zeros((C_PAD,), tl.float32)
     sum_dy = tl.zeros((C_PAD,), tl.float32)
     for p0 in range(start, end, BLOCK_P):
@@ -190,7 +202,8 @@ def group_norm_bwd_stats_kernel(
 
 @triton.jit
 def group_norm_bwd_combine_kernel(
-    part_ptr, w_ptr, s_ptr, C, Cg, G, chunks, G_PAD: tl.constexpr, CG_PAD: tl.constexpr,
+    part_ptr, w_ptr, s_ptr, C, Cg, G, chunks, affine_stride,
+    G_PAD: tl.constexpr, CG_PAD: tl.constexpr,
 ):  # fmt: skip
     """s[n, 0, g] = S1 = sum_{c in g} w[c] sum dy, s[n, 1, g] = S2 = sum w[c] sum dy xhat."""
     n = tl.program_id(0)
@@ -204,7 +217,7 @@ def group_norm_bwd_combine_kernel(
         row = part_ptr + (n * chunks + k).to(tl.int64) * 2 * C + ch
         a += tl.load(row, mask=mask, other=0.0)
         b += tl.load(row + C, mask=mask, other=0.0)
-    w = tl.load(w_ptr + ch, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + n * affine_stride + ch, mask=mask, other=0.0).to(tl.float32)
     gi = tl.arange(0, G_PAD)
     tl.store(s_ptr + (n * 2) * G + gi, tl.sum(w * b, axis=1), mask=gi < G)
     tl.store(s_ptr + (n * 2 + 1) * G + gi, tl.sum(w * a, axis=1), mask=gi < G)
@@ -213,12 +226,15 @@ def group_norm_bwd_combine_kernel(
 @triton.jit
 def group_norm_bwd_kernel(
     x_ptr, dout_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, s_ptr, dx_ptr, HW, C, Cg, G, blocks,
+    affine_stride,
     C_PAD: tl.constexpr, BLOCK_P: tl.constexpr, SILU: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     n = pid // blocks
     offs, mask, c = _tile(n, (pid % blocks) * BLOCK_P, HW, C, BLOCK_P, C_PAD)
-    w, b, mu, rstd = _channel_params(n, w_ptr, b_ptr, mean_ptr, rstd_ptr, C, Cg, G, C_PAD)
+    w, b, mu, rstd = _channel_params(
+        n, w_ptr, b_ptr, mean_ptr, rstd_ptr, C, Cg, G, affine_stride, C_PAD
+    )
     grp = n * 2 * G + c // Cg
     s1 = tl.load(s_ptr + grp, mask=c < C, other=0.0)
     s2 = tl.load(s_ptr + grp + G, mask=c < C, other=0.0)
@@ -252,10 +268,16 @@ def geometry(x: torch.Tensor, num_groups: int) -> dict:
     }  # fmt: skip
 
 
+def affine_row_stride(weight: torch.Tensor) -> int:
+    """Elements between samples' rows of the affine: 0 for (C,), C for a per-sample (N, C)."""
+    return weight.shape[-1] if weight.dim() == 2 else 0
+
+
 def group_norm_fwd_triton(x, weight, bias, num_groups: int, eps: float, silu: bool):
     """(out, mean, rstd): out like x (channels_last, x's dtype); mean, rstd fp32 (N, G).
 
-    x: channels_last (N, C, H, W) fp32/bf16/fp16; weight, bias: (C,) any float dtype.
+    x: channels_last (N, C, H, W) fp32/bf16/fp16; weight, bias: contiguous (C,) or (N, C)
+    (per sample), any float dtype.
     """
     if not is_channels_last(x):
         raise ValueError("x: the GroupNorm kernel takes channels_last (NHWC) tensors")
@@ -284,12 +306,14 @@ def _launch_fwd(x, weight, bias, mean, rstd, out, part, geo: dict, eps: float, s
     )  # fmt: skip
     group_norm_fwd_kernel[(N * geo["blocks"],)](
         x, weight, bias, mean, rstd, out, geo["HW"], geo["C"], geo["Cg"], G, geo["blocks"],
+        affine_row_stride(weight),
         C_PAD=geo["C_PAD"], BLOCK_P=geo["BLOCK_P"], SILU=bool(silu), num_warps=warps,
     )  # fmt: skip
 
 
 def group_norm_bwd_triton(grad, x, weight, bias, mean, rstd, num_groups: int, silu: bool):
-    """(dx, dweight, dbias) for d out = grad; dx like x, dweight/dbias like weight/bias."""
+    """(dx, dweight, dbias) for d out = grad; dx like x, dweight/dbias like weight/bias
+    ((C,): summed over samples; (N, C): per sample)."""
     geo = geometry(x, num_groups)
     N, G = geo["N"], geo["G"]
     grad = same_layout(grad, x)
@@ -300,26 +324,28 @@ def group_norm_bwd_triton(grad, x, weight, bias, mean, rstd, num_groups: int, si
     s = torch.empty((N, 2, G), dtype=torch.float32, device=x.device)
     with device_guard(x.device):
         _launch_bwd(grad, x, weight, bias, mean, rstd, dx, part, s, geo, silu)
-    # over samples and chunks: d weight = sum dy xhat, d bias = sum dy (separate tensors)
-    dweight = part[:, :, 0].sum(dim=(0, 1)).to(weight.dtype)
-    dbias = part[:, :, 1].sum(dim=(0, 1)).to(bias.dtype)
+    # over chunks (and samples for a shared affine): d weight = sum dy xhat, d bias = sum dy
+    dims = (1,) if weight.dim() == 2 else (0, 1)
+    dweight = part[:, :, 0].sum(dim=dims).to(weight.dtype)
+    dbias = part[:, :, 1].sum(dim=dims).to(bias.dtype)
     return dx, dweight, dbias
 
 
 def _launch_bwd(grad, x, weight, bias, mean, rstd, dx, part, s, geo: dict, silu: bool):
     N, G, warps = geo["N"], geo["G"], geo["num_warps"]
+    stride = affine_row_stride(weight)
     group_norm_bwd_stats_kernel[(N * geo["chunks"],)](
         x, grad, weight, bias, mean, rstd, part, geo["HW"], geo["C"], geo["Cg"], G,
-        geo["pixels_per_chunk"], geo["chunks"],
+        geo["pixels_per_chunk"], geo["chunks"], stride,
         C_PAD=geo["C_PAD"], BLOCK_P=geo["BLOCK_P"], SILU=bool(silu), num_warps=warps,
     )  # fmt: skip
     group_norm_bwd_combine_kernel[(N,)](
-        part, weight, s, geo["C"], geo["Cg"], G, geo["chunks"],
+        part, weight, s, geo["C"], geo["Cg"], G, geo["chunks"], stride,
         G_PAD=geo["G_PAD"], CG_PAD=geo["CG_PAD"], num_warps=4,
     )  # fmt: skip
     group_norm_bwd_kernel[(N * geo["blocks"],)](
         x, grad, weight, bias, mean, rstd, s, dx, geo["HW"], geo["C"], geo["Cg"], G,
-        geo["blocks"], C_PAD=geo["C_PAD"], BLOCK_P=geo["BLOCK_P"], SILU=bool(silu),
+        geo["blocks"], stride, C_PAD=geo["C_PAD"], BLOCK_P=geo["BLOCK_P"], SILU=bool(silu),
         num_warps=warps,
     )  # fmt: skip
 

@@ -271,16 +271,23 @@ def ddim_step_reference(
     return _like(out, z)
 
 
-def group_norm_silu_reference(x, num_groups, weight, bias, eps=1e-5, silu=True):
-    """GroupNorm then SiLU, as torch computes them: F.silu(F.group_norm(x, ...)).
+def group_norm_silu_reference(
+    x, num_groups, weight, bias, eps=1e-5, silu=True, scale=None, shift=None
+):
+    """GroupNorm, then (``scale``, ``shift``) y (1 + scale) + shift, then SiLU, as torch
+    computes them: F.silu(F.group_norm(x, ...) * (1 + scale) + shift).
 
-    x (N, C, ...) in any layout; weight, bias (C,) or None.  Run in x's dtype exactly as a
-    plain nn.GroupNorm + F.silu would (so the CPU path and autocast behave as before); torch
-    accumulates the statistics in fp32 for fp32/bf16/fp16.  The Triton kernel
-    (kernels.group_norm) matches it within rounding for fp32 and one output rounding for
-    bf16/fp16.
+    x (N, C, ...) in any layout; weight, bias (C,) or None; scale, shift (N, C) or None (the
+    per-sample modulation of scale-shift conditioning, broadcast over the spatial dims).  Run
+    in x's dtype exactly as a plain nn.GroupNorm + F.silu would (so the CPU path and autocast
+    behave as before); torch accumulates the statistics in fp32 for fp32/bf16/fp16.  The
+    Triton kernel (kernels.group_norm) matches it within rounding for fp32 and one output
+    rounding for bf16/fp16.
     """
     y = torch.nn.functional.group_norm(x, num_groups, weight, bias, eps)
+    if scale is not None:
+        spatial = (1,) * (x.dim() - 2)
+        y = y * (1 + scale.reshape(*scale.shape, *spatial)) + shift.reshape(*shift.shape, *spatial)
     return torch.nn.functional.silu(y) if silu else y
 
 

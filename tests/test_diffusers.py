@@ -242,6 +242,7 @@ def test_schedules_round_trip_through_scheduler_configs():
 
 
 def test_non_ddpm_unet_is_wrapped_and_sampled_with_the_fused_step(tmp_path, capsys):
+    # scale_shift without attn_norm_num_groups: no GroupNorm in the middle attention.
     unet = make_unet(resnet_time_scale_shift="scale_shift")  # not expressible by fastdiff
     path = save_pipeline(tmp_path / "pipe", unet)
     diffusion = load(path, device="cpu")
@@ -471,4 +472,42 @@ def test_conditional_export_round_trips_through_unet2dmodel(tmp_path):
                                    rtol=1e-5)  # fmt: skip
         back = load(out, device="cpu")
         assert back.num_classes == 5
+        torch.testing.assert_close(back.model(z, t, y), want, atol=1e-5, rtol=1e-5)
+
+
+def test_scale_shift_unet2dmodel_converts_with_equal_predictions(tmp_path):
+    """resnet_time_scale_shift="scale_shift" (with the middle attention's GroupNorm named by
+    attn_norm_num_groups) -> UNet(scale_shift_norm=True): diffusers' own ResnetBlock2D is the
+    independent reference for silu(GroupNorm(h) (1 + scale) + shift), conditional too."""
+    unet = make_unet(
+        resnet_time_scale_shift="scale_shift", attn_norm_num_groups=8, num_class_embeds=4
+    )
+    diffusion = load(save_pipeline(tmp_path / "pipe", unet), device="cpu")
+    net = diffusion.model
+    assert isinstance(net, UNet) and net.config["scale_shift_norm"] is True
+    z, t = inputs()
+    y = torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        want = unet(z, t, class_labels=y).sample
+        got = net(z, t, y)
+        got_cl = net(z.contiguous(memory_format=torch.channels_last), t, y)
+    assert want.abs().mean() > 0.1
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_cl, want, atol=1e-5, rtol=1e-5)
+
+
+def test_scale_shift_export_round_trips_through_unet2dmodel(tmp_path):
+    diffusion = fastdiff_diffusion(num_classes=3, scale_shift_norm=True)
+    out = diffusion.save(tmp_path / "pipe", format="diffusers")
+    pipe = diffusers.DDPMPipeline.from_pretrained(str(out), local_files_only=True)
+    cfg = pipe.unet.config
+    assert (cfg.resnet_time_scale_shift, cfg.attn_norm_num_groups) == ("scale_shift", 8)
+    z, t = inputs()
+    y = torch.tensor([0, 3, 1, 2])  # 3: the null class
+    with torch.no_grad():
+        want = diffusion.ema_model(z, t, y)
+        got = pipe.unet(z, t, class_labels=y).sample
+        back = load(out, device="cpu")
+        assert back.model.config["scale_shift_norm"] is True
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(back.model(z, t, y), want, atol=1e-5, rtol=1e-5)
