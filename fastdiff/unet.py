@@ -357,9 +357,7 @@ class UNet(nn.Module):
         if freq_shift not in (0, 1) or isinstance(freq_shift, bool):
             raise FastDiffError(f"freq_shift must be 0 or 1, got {freq_shift!r}")
         if not isinstance(scale_shift_norm, bool):
-            raise FastDiffError(
-                f"scale_shift_norm must be True or False, got {scale_shift_norm!r}"
-            )
+            raise FastDiffError(f"scale_shift_norm must be True or False, got {scale_shift_norm!r}")
         if num_classes is not None and (not _is_int(num_classes) or num_classes < 1):
             raise FastDiffError(
                 f"num_classes must be None or a positive integer, got {num_classes!r}"
