@@ -38,6 +38,7 @@ CONFIGS = {
         channel_mult=(1, 2, 2), num_res_blocks=2, attention_resolutions=(8, 4), num_heads=2
     ),
     "no-attention-levels": dict(attention_resolutions=()),
+    "scale-shift": dict(scale_shift_norm=True),
 }
 
 
@@ -106,8 +107,11 @@ def test_half_precision_weights(dtype):
     assert err <= 0.05 * ref.abs().max() + 1e-3, err
 
 
-def test_gradients_reach_every_parameter():
-    model = tiny(channel_mult=(1, 2, 2), attention_resolutions=(8, 4)).train()
+@pytest.mark.parametrize("scale_shift_norm", [False, True])
+def test_gradients_reach_every_parameter(scale_shift_norm):
+    model = tiny(
+        channel_mult=(1, 2, 2), attention_resolutions=(8, 4), scale_shift_norm=scale_shift_norm
+    ).train()
     z, t = inputs(model, 3)
     loss = (model(z, t) - torch.randn_like(z)).square().mean()
     loss.backward()
@@ -254,8 +258,42 @@ def test_bad_forward_inputs_raise(z, t, match):
         (dict(downsample_padding=2), "downsample_padding"),
         (dict(flip_sin_to_cos=1), "flip_sin_to_cos"),
         (dict(freq_shift=2), "freq_shift"),
+        (dict(scale_shift_norm=1), "scale_shift_norm"),
     ],
 )
 def test_bad_constructor_args_raise(overrides, match):
     with pytest.raises(ValueError, match=match):
         UNet.preset("tiny", **overrides)
+
+
+def test_scale_shift_block_is_the_modulated_group_norm():
+    """A scale-shift ResBlock: temb_proj gives 2 c_out values per sample, the first half the
+    scale and the second the shift of norm2, written out here with F.group_norm."""
+    from torch.nn import functional as F
+
+    from fastdiff.unet import ResBlock
+
+    torch.manual_seed(0)
+    block = perturbed(ResBlock(4, 8, 16, 0.0, 2, scale_shift=True))
+    assert block.temb_proj.out_features == 16
+    x, temb = torch.randn(3, 4, 5, 5), torch.randn(3, 16)
+    h = block.conv1(F.silu(F.group_norm(x, 2, block.norm1.weight, block.norm1.bias)))
+    e = F.linear(F.silu(temb), block.temb_proj.weight, block.temb_proj.bias)
+    scale, shift = e[:, :8, None, None], e[:, 8:, None, None]
+    h = F.group_norm(h, 2, block.norm2.weight, block.norm2.bias) * (1 + scale) + shift
+    want = block.skip(x) + block.conv2(F.silu(h))
+    torch.testing.assert_close(block(x, temb), want, rtol=1e-5, atol=1e-6)
+
+
+def test_scale_shift_survives_a_checkpoint(tmp_path):
+    """config.json records scale_shift_norm and load() rebuilds the modulated blocks."""
+    from fastdiff import Diffusion, NoiseSchedule, load
+
+    model = tiny(scale_shift_norm=True, num_classes=3)
+    Diffusion(model, NoiseSchedule.linear(20), (1, 8, 8)).save(tmp_path / "run")
+    back = load(tmp_path / "run", device="cpu").model
+    assert back.config["scale_shift_norm"] is True
+    z, t = inputs(model, 2)
+    y = torch.tensor([0, 3])
+    with torch.no_grad():
+        torch.testing.assert_close(back(z, t, y), model(z, t, y), rtol=0, atol=0)
