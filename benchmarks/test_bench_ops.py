@@ -514,6 +514,48 @@ GN_CASES = [
 ]  # fmt: skip
 
 
+def _group_norm_case(benchmark, device_table, op, shape, groups, dtype, backward, scale_shift):
+    """Time fastdiff's fused NHWC GroupNorm+SiLU against torch's GroupNorm then SiLU
+    (channels_last), with (scale_shift) the per-sample modulation silu(GN(x) (1 + scale) +
+    shift) on both sides; gradients w.r.t. every input when backward."""
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn(shape, device=DEVICE, generator=gen).to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_(backward)
+    n, c = shape[:2]
+    w, b = (torch.randn(c, device=DEVICE, generator=gen).requires_grad_(backward) for _ in "wb")
+    mod = {}
+    if scale_shift:  # the ResBlock's temb_proj output: activation dtype under autocast
+        mod = {
+            k: (0.5 * torch.randn(n, c, device=DEVICE, generator=gen)).to(dtype)
+            for k in ("scale", "shift")
+        }
+        for v in mod.values():
+            v.requires_grad_(backward)
+    dout = torch.randn_like(x)
+    assert ops.group_norm_backend(x) == "triton"
+
+    def torch_side():
+        y = F.group_norm(x, groups, w.to(dtype), b.to(dtype), 1e-5)
+        if scale_shift:
+            y = y * (1 + mod["scale"][..., None, None]) + mod["shift"][..., None, None]
+        return F.silu(y)
+
+    def fused_side():
+        return ops.group_norm_silu(x, groups, w, b, validate=False, **mod)
+
+    sides = {"fastdiff": fused_side, "eager": torch_side}
+    if backward:
+        inputs = (x, w, b, *mod.values())
+        sides = {
+            name: (lambda f=f: torch.autograd.grad(f(), inputs, dout)) for name, f in sides.items()
+        }
+    nbytes = (5 if backward else 2) * x.numel() * x.element_size()
+    op += "_fwd_bwd" if backward else "_fwd"
+    case_id = f"{_case_id(shape, dtype, 'channels_last')}-G{groups}"
+    rows = _record(benchmark, device_table, op, case_id, sides, nbytes)
+    assert rows["fastdiff"]["device_us"] > 0
+
+
 @pytest.mark.skipif(NO_CUDA, reason=NO_CUDA_REASON)
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd_bwd"])
 @pytest.mark.parametrize(
@@ -523,28 +565,18 @@ GN_CASES = [
 )
 def test_device_time_group_norm_silu(benchmark, device_table, shape, groups, dtype, backward):
     """fastdiff's fused NHWC GroupNorm+SiLU vs torch's GroupNorm then SiLU, channels_last."""
-    gen = torch.Generator(device=DEVICE).manual_seed(0)
-    x = torch.randn(shape, device=DEVICE, generator=gen).to(dtype)
-    x = x.contiguous(memory_format=torch.channels_last).requires_grad_(backward)
-    w = torch.randn(shape[1], device=DEVICE, generator=gen).requires_grad_(backward)
-    b = torch.randn(shape[1], device=DEVICE, generator=gen).requires_grad_(backward)
-    dout = torch.randn_like(x)
-    assert ops.group_norm_backend(x) == "triton"
+    _group_norm_case(
+        benchmark, device_table, "group_norm_silu", shape, groups, dtype, backward, False
+    )
 
-    def torch_side():
-        return F.silu(F.group_norm(x, groups, w.to(dtype), b.to(dtype), 1e-5))
 
-    def fused_side():
-        return ops.group_norm_silu(x, groups, w, b, validate=False)
-
-    sides = {"fastdiff": fused_side, "eager": torch_side}
-    if backward:
-        sides = {
-            name: (lambda f=f: torch.autograd.grad(f(), (x, w, b), dout))
-            for name, f in sides.items()
-        }
-    nbytes = (5 if backward else 2) * x.numel() * x.element_size()
-    op = "group_norm_silu" + ("_fwd_bwd" if backward else "_fwd")
-    case_id = f"{_case_id(shape, dtype, 'channels_last')}-G{groups}"
-    rows = _record(benchmark, device_table, op, case_id, sides, nbytes)
-    assert rows["fastdiff"]["device_us"] > 0
+@pytest.mark.skipif(NO_CUDA, reason=NO_CUDA_REASON)
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd_bwd"])
+def test_device_time_group_norm_silu_scale_shift(benchmark, device_table, backward):
+    """The scale-shift ResBlock's norm (UNet(scale_shift_norm=True)): the fused kernels with
+    the folded per-sample affine vs torch's GroupNorm, multiply-add, SiLU (bf16, 256 ch)."""
+    shape, groups, dtype = (128, 256, 16, 16), 32, torch.bfloat16
+    _group_norm_case(
+        benchmark, device_table, "group_norm_silu_scale_shift", shape, groups, dtype, backward,
+        True,
+    )  # fmt: skip
