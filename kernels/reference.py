@@ -214,23 +214,34 @@ class DDIMCoefficients(NamedTuple):
     rederive: torch.Tensor  # sqrt(a_t / (1 - a_t)): d eps / d x0 at fixed z_t
 
 
+def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """The correctly rounded square root in x's dtype, as the kernels' ``tl.sqrt_rn``.
+
+    torch.sqrt is not that on every CPU: torch 2.13's AVX2 kernels return the neighbouring
+    float32 for about one value in five (AVX-512 ones are exact).  The float64 square root of
+    a float32, rounded to float32, is correctly rounded (53 >= 2 * 24 + 2 bits)."""
+    if x.dtype == torch.float64:
+        return torch.sqrt(x)
+    return torch.sqrt(x.double()).to(x.dtype)
+
+
 def ddim_coefficients(t, t_prev, alphas_cumprod, eta) -> DDIMCoefficients:
     """DDIM's per-sample scalars for steps t -> t_prev (B,) int (t_prev = -1: a_prev = 1),
-    in alphas_cumprod's dtype:
+    in alphas_cumprod's dtype (square roots correctly rounded, as in the kernel):
 
         sigma = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev)
         dir   = sqrt(max(1 - a_prev - sigma^2, 0))
     """
     a_t = alphas_cumprod[t]
     a_prev = torch.where(t_prev >= 0, alphas_cumprod[t_prev.clamp(min=0)], torch.ones_like(a_t))
-    sigma = eta * torch.sqrt((1 - a_prev) / (1 - a_t)) * torch.sqrt(1 - a_t / a_prev)
+    sigma = eta * sqrt_rn((1 - a_prev) / (1 - a_t)) * sqrt_rn(1 - a_t / a_prev)
     return DDIMCoefficients(
-        inv_sqrt_a=1 / torch.sqrt(a_t),
-        sqrt_1m_a=torch.sqrt(1 - a_t),
-        sqrt_a_prev=torch.sqrt(a_prev),
-        dir=torch.sqrt((1 - a_prev - sigma**2).clamp(min=0)),
+        inv_sqrt_a=1 / sqrt_rn(a_t),
+        sqrt_1m_a=sqrt_rn(1 - a_t),
+        sqrt_a_prev=sqrt_rn(a_prev),
+        dir=sqrt_rn((1 - a_prev - sigma**2).clamp(min=0)),
         sigma=sigma,
-        rederive=torch.sqrt(a_t / (1 - a_t)),
+        rederive=sqrt_rn(a_t / (1 - a_t)),
     )
 
 
