@@ -217,13 +217,20 @@ def test_custom_op_registrations(triton_backend):
     """Schema, fake (meta) implementation and autograd registration, as torch.compile needs."""
     x, w, b, _ = make(2, 6, 2, 3, torch.float32)
     args = (x.requires_grad_(), w.requires_grad_(), b, 3, 1e-5, True)
-    per_sample = (x, w.expand(2, 6).contiguous().requires_grad_(), b.expand(2, 6).contiguous())
-    for a in (args, (*per_sample, 3, 1e-5, True)):
-        torch.library.opcheck(
-            ops._group_norm_silu_op,
-            a,
-            test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
-        )
+    torch.library.opcheck(
+        ops._group_norm_silu_op,
+        args,
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
+    # The backward op's fake with a per-sample (N, C) affine (scale-shift): d weight and
+    # d bias are (N, C) too, as the kernels return them.
+    ws, bs = w.expand(2, 6).contiguous(), b.expand(2, 6).contiguous()
+    _, mean, rstd = ops._group_norm_silu_op(x.detach(), ws, bs, 3, 1e-5, True)
+    torch.library.opcheck(
+        ops._group_norm_silu_backward_op,
+        (torch.ones_like(x), x.detach(), ws, bs, mean, rstd, 3, True),
+        test_utils=("test_schema", "test_faketensor"),
+    )
 
 
 def test_traced_by_torch_compile(triton_backend):
