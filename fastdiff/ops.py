@@ -1067,6 +1067,9 @@ def group_norm_silu(
     if scale is not None:
         gain = 1 + scale.float()
         weight, bias = weight.float() * gain, bias.float() * gain + shift.float()
+    # The kernels index the affine as row n * C + c: a strided weight (a column of a bigger
+    # parameter) or a fold of transposed (C, N).t() scale/shift must be made dense first.
+    weight, bias = weight.contiguous(), bias.contiguous()
     return _group_norm_silu_op(x, weight, bias, num_groups, float(eps), silu)[0]
 
 

@@ -273,6 +273,18 @@ def affine_row_stride(weight: torch.Tensor) -> int:
     return weight.shape[-1] if weight.dim() == 2 else 0
 
 
+def _check_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """The kernels read weight and bias at n * affine_row_stride + c: both must be dense
+    and of one shape, (C,) or (N, C); anything else would be read out of place."""
+    N, C = x.shape[:2]
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p.shape not in ((C,), (N, C)) or p.shape != weight.shape or not p.is_contiguous():
+            raise ValueError(
+                f"{name}: expected a contiguous ({C},) or ({N}, {C}) tensor shaped like weight,"
+                f" got shape {tuple(p.shape)} with strides {p.stride()}"
+            )
+
+
 def group_norm_fwd_triton(x, weight, bias, num_groups: int, eps: float, silu: bool):
     """(out, mean, rstd): out like x (channels_last, x's dtype); mean, rstd fp32 (N, G).
 
@@ -281,6 +293,7 @@ def group_norm_fwd_triton(x, weight, bias, num_groups: int, eps: float, silu: bo
     """
     if not is_channels_last(x):
         raise ValueError("x: the GroupNorm kernel takes channels_last (NHWC) tensors")
+    _check_affine(x, weight, bias)
     geo = geometry(x, num_groups)
     N, G = geo["N"], geo["G"]
     out = torch.empty_like(x)
@@ -314,6 +327,7 @@ def _launch_fwd(x, weight, bias, mean, rstd, out, part, geo: dict, eps: float, s
 def group_norm_bwd_triton(grad, x, weight, bias, mean, rstd, num_groups: int, silu: bool):
     """(dx, dweight, dbias) for d out = grad; dx like x, dweight/dbias like weight/bias
     ((C,): summed over samples; (N, C): per sample)."""
+    _check_affine(x, weight, bias)
     geo = geometry(x, num_groups)
     N, G = geo["N"], geo["G"]
     grad = same_layout(grad, x)

@@ -153,6 +153,38 @@ def test_per_sample_affine_gradients_stay_per_sample(triton_backend):
     torch.testing.assert_close(dbias, dout.sum(dim=(2, 3)), rtol=1e-5, atol=1e-5)
 
 
+def test_strided_affine_and_modulation_are_read_in_place(triton_backend):
+    """A weight that is a column of a bigger parameter (stride 2) and a transposed (C, N).t()
+    scale/shift (whose fold has strides (1, N)) give the result of their dense copies."""
+    x, w, b, _ = make(2, 8, 4, 4, torch.float32, seed=4)
+    scale, shift = modulation(2, 8)
+    w_strided = torch.stack([w, -w], dim=1)[:, 0]
+    scale_t, shift_t = scale.t().contiguous().t(), shift.t().contiguous().t()
+    assert w_strided.stride() == (2,) and scale_t.stride() == (1, 2)
+    got = ops.group_norm_silu(x, 4, w_strided, b, scale=scale_t, shift=shift_t)
+    want = F.silu(
+        F.group_norm(x, 4, w, b, 1e-5) * (1 + scale[..., None, None]) + shift[..., None, None]
+    )
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "weight,bias,match",
+    [
+        (torch.ones(8, 2)[:, 0], torch.zeros(8), "weight"),
+        (torch.ones(2, 8), torch.zeros(8), "bias"),
+        (torch.ones(8, 2).t(), torch.zeros(2, 8), "weight"),
+    ],
+)
+def test_kernel_entry_points_reject_affines_they_would_misread(triton_backend, weight, bias, match):
+    x, _, _, dout = make(2, 8, 3, 3, torch.float32)
+    with pytest.raises(ValueError, match=match):
+        gn.group_norm_fwd_triton(x, weight, bias, 2, 1e-5, True)
+    mean = rstd = torch.ones(2, 2)
+    with pytest.raises(ValueError, match=match):
+        gn.group_norm_bwd_triton(dout, x, weight, bias, mean, rstd, 2, True)
+
+
 def test_many_statistics_chunks(triton_backend, monkeypatch):
     """Small tiles force several chunks per sample with a partial last tile and chunk: the
     Chan merges across tiles and chunks give torch's statistics."""
