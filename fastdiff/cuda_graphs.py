@@ -8,7 +8,7 @@ Both captured steps (``train_graph.GraphStep``, ``samplers.SamplerRunner``) go t
   there (:func:`unavailable_reason`): the torch reference (``FASTDIFF_BACKEND=reference``, or
   Triton not importable) turns a seed tensor into Python noise with ``int(seed)``, a host read
   that a capture forbids.
-* **How.** Each capture runs on a fresh stream of the step's own device (torch's default
+* **How.** Each capture runs on a new stream object of the step's own device (torch's default
   capture stream is made once, on whichever device was current first), in
   ``capture_error_mode="thread_local"`` (a DataLoader's pin-memory thread may allocate pinned
   host memory meanwhile), with the step's generators registered with the graph.
@@ -16,7 +16,12 @@ Both captured steps (``train_graph.GraphStep``, ``samplers.SamplerRunner``) go t
   allocates differently per call or uses an op CUDA graphs do not support), nothing of the
   capture is kept: the generators get back the state they had before it, the caller's
   ``restore`` undoes host-side state the step function touched, and the step runs eagerly
-  from there, after one log line naming the cause.
+  from there, after one log line naming the cause.  A failed capture also leaves torch's own
+  state half-open, since ``CUDAGraph.capture_end`` raises before its bookkeeping: the
+  generators stay in capture mode (torch <= 2.12: the next eager draw, or the replay of any
+  other graph, raises "Offset increment outside graph capture encountered unexpectedly") and
+  the caching allocator keeps the graph's private pool. :func:`capture` closes both
+  (:func:`_end_generator_capture`, :func:`_release_pool`).
 * **Strict.** ``strict=True`` (or ``FASTDIFF_STRICT=1`` when ``strict`` is None) turns every
   such fallback into a :class:`GraphCaptureError`, so a benchmark never times an eager
   fallback by mistake.
@@ -131,17 +136,20 @@ def capture(
     states = [g.get_state() for g in generators]
     for g in generators:
         graph.register_generator_state(g)
-    stream = side_stream(device)  # a fresh one: a failed capture may leave its stream unusable
+    pool = torch.cuda.graph_pool_handle()  # named, so that a failed capture's can be released
+    stream = side_stream(device)  # a new one: a failed capture may leave its stream unusable
     previous = torch.cuda.current_stream(device)
     stream.wait_stream(previous)
     try:
-        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
             body()
     except Exception as exc:  # noqa: BLE001 - any failure of a user's step means: run eagerly
         # torch.cuda.graph leaves the capture stream current when ending the capture raises.
         if torch.cuda.current_stream(device) != previous:
             torch.cuda.set_stream(previous)
         del graph
+        _release_pool(device, pool)
+        _end_generator_capture(device, generators)
         for g, state in zip(generators, states, strict=True):
             g.set_state(state)
         if restore is not None:
@@ -150,3 +158,64 @@ def capture(
         return None
     torch.cuda.current_stream(device).wait_stream(stream)
     return graph
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _release_pool(device: torch.device, pool) -> None:
+    """Give back the private memory pool of a capture that failed.
+
+    ``CUDAGraph.capture_end`` raises at ``cudaStreamEndCapture``, before it tells the caching
+    allocator that the capture is over, and a graph only releases a pool whose capture ended:
+    so the allocator would keep routing the capture stream's allocations to the dead pool and
+    keep every block the capture allocated (up to a whole step's activations and gradients)
+    reserved for the rest of the process.  This ends the pool's allocation and releases it, as
+    ``torch.cuda.use_mem_pool`` does on exit (private torch API: skipped where absent; where
+    the pool was already ended, torch refuses the first call and nothing is released twice).
+    """
+    end = getattr(torch._C, "_cuda_endAllocateToPool", None)
+    release = getattr(torch._C, "_cuda_releasePool", None)
+    if not (callable(end) and callable(release)):
+        return
+    index = _device_index(device)
+    try:
+        end(index, pool)
+        release(index, pool)
+    except RuntimeError as exc:
+        logger.warning(f"fastdiff: the failed capture's memory pool stays reserved ({exc})")
+        return
+    torch.cuda.empty_cache()
+
+
+def _end_generator_capture(device: torch.device, generators: Sequence[torch.Generator]) -> None:
+    """Take the generators of a failed capture out of capture mode.
+
+    Beginning a capture puts every generator registered with the graph, and the device's
+    default CUDA generator, into capture mode; only a capture that ends well takes them out of
+    it (``capture_epilogue``).  After a failed one, torch 2.4-2.12 raise "Offset increment
+    outside graph capture encountered unexpectedly" at the next eager draw from any of them
+    (the eager fallback's ``torch.randint``, dropout) and at the next replay of any other graph
+    (a replay advances the default generator).  So: one tiny capture that ends well, with the
+    same generators registered, runs their prologue and epilogue and leaves them as before the
+    failed one (their offsets are restored by the caller).
+    """
+    graph = torch.cuda.CUDAGraph()
+    for g in generators:
+        graph.register_generator_state(g)
+    stream = side_stream(device)
+    previous = torch.cuda.current_stream(device)
+    stream.wait_stream(previous)
+    try:
+        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+            torch.zeros(1, device=device)  # one kernel: an empty graph warns
+    except Exception as exc:  # noqa: BLE001 - say so; the caller's fallback still runs
+        if torch.cuda.current_stream(device) != previous:
+            torch.cuda.set_stream(previous)
+        logger.warning(
+            "fastdiff: could not take the random generators out of capture mode after a failed"
+            f" capture ({describe(exc)}); random draws on {device} may fail from here"
+        )
+        return
+    previous.wait_stream(stream)

@@ -114,7 +114,9 @@ class EmulatedCuda:
 @pytest.fixture
 def emulated_cuda(monkeypatch):
     pytest.importorskip("triton")
-    return EmulatedCuda(monkeypatch)
+    cuda = EmulatedCuda(monkeypatch)
+    yield cuda
+    cuda.emulator.close()
 
 
 @pytest.fixture

@@ -48,11 +48,21 @@ What a real GPU would do, and so what the emulation does:
    ``copy_`` from another device, ``_pin_memory``, ``pin_memory=True``) raise during capture.
    The tensors created during capture are kept alive by the graph (its pool) until ``reset()``
    or until the graph is dropped.
-6. A graph whose capture failed, or was reset, cannot be replayed; a graph holds one capture
+6. Generators and pools after a failed capture, as torch 2.4-2.12 leave them (the GPU
+   machine's torch is 2.11; ``CUDAGraph.capture_end`` raises before its bookkeeping): a capture
+   puts its registered generators and the default generator in capture mode, and only a
+   capture that succeeds takes them out again.  While a generator is left in capture mode, an
+   eager random op drawing from it (its ``generator=`` argument, or the default generator
+   for an op tagged ``nondeterministic_seeded`` given none) and the replay of any graph it
+   belongs to (the default one belongs to every graph) raise "Offset increment outside graph
+   capture encountered unexpectedly".  A failed capture's pool stays allocating (``leaked_pools``)
+   until ``torch._C._cuda_endAllocateToPool`` and ``_cuda_releasePool`` (emulated) end and
+   release it.
+7. A graph whose capture failed, or was reset, cannot be replayed; a graph holds one capture
    (capture again only after ``reset()``).  ``torch.cuda.graph`` takes ``pool=``, ``stream=``
    and ``capture_error_mode=`` (recorded per capture); capturing on a default stream raises,
    as on a GPU.
-7. It works under ``torch.inference_mode()`` (composite ops that reach the mode whole are
+8. It works under ``torch.inference_mode()`` (composite ops that reach the mode whole are
    decomposed, so the ops they run are seen) and with autograd: a backward inside the capture
    dispatches its ops through the mode like any other.
 
@@ -133,6 +143,10 @@ _AUTOCAST_KEYS = torch._C.DispatchKeySet(_DK.AutocastCPU) | torch._C.DispatchKey
     _DK.AutocastCUDA
 )
 _CPU_KEYS = torch._C.DispatchKeySet(_DK.CPU)
+
+
+#: What torch 2.4-2.12 raise at a draw from a generator a failed capture left in capture mode.
+OFFSET_OUTSIDE_CAPTURE = "Offset increment outside graph capture encountered unexpectedly"
 
 
 class CaptureViolation(RuntimeError):
@@ -342,6 +356,36 @@ class _HostReadGuard(TorchDispatchMode):
         if func.namespace != "aten" and _has_cpu_kernel(func):
             with self:  # a custom op called by a custom op: guard its implementation too
                 return func.redispatch(_CPU_KEYS, *args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _generator_of(func, args, kwargs) -> torch.Generator | None:
+    """The generator a random op draws from (None: the op draws nothing): its ``generator``
+    argument, else the default one for a random op (``randn.default``, ``native_dropout``:
+    tagged ``nondeterministic_seeded``)."""
+    for arg, value in _arguments(func, args, kwargs):
+        if arg.name == "generator" and value is not None:
+            return value
+    if torch.Tag.nondeterministic_seeded in func.tags:
+        return torch.default_generator
+    return None
+
+
+class _GeneratorsInCaptureGuard(TorchDispatchMode):
+    """Active while a failed capture has left generators in capture mode (point 6): an eager
+    random op drawing from one of them raises as torch does."""
+
+    def __init__(self, emulator: Emulator):
+        super().__init__()
+        self.emulator = emulator
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        emu = self.emulator
+        if emu.capturing() is None:
+            gen = _generator_of(func, args, kwargs)
+            if gen is not None and gen._cdata in emu.generators_in_capture:
+                raise RuntimeError(f"{OFFSET_OUTSIDE_CAPTURE} ({func}) [cuda_graph_emulation]")
         return func(*args, **kwargs)
 
 
@@ -580,6 +624,8 @@ class EmulatedCUDAGraph:
         cap = _Capture(self, record)
         for gen in self._generators:
             cap.add_generator(gen)
+        emu._enter_generator_capture(self._generators)
+        emu.pools_allocating.add(record.pool)
         self._capture, self._state = cap, "capturing"
         emu._local.capture = cap
         if capture_error_mode == "global":
@@ -607,6 +653,7 @@ class EmulatedCUDAGraph:
             self._ops, self._pool_tensors = [], {}
             cap.ops, cap.created, invalid, cap.invalid = [], {}, cap.invalid, None
             emu.events.append(("capture_end", self.record.index, "failed"))
+            emu._capture_failed()  # generators stay in capture mode, the pool allocating
             if error is None:  # the Python code caught the error: CUDA still fails the capture
                 raise RuntimeError(
                     "CUDA error: operation failed due to a previous error during capture "
@@ -614,6 +661,8 @@ class EmulatedCUDAGraph:
                 ) from invalid
             return
         cap.info.status = "succeeded"
+        emu._exit_generator_capture(self._generators)
+        emu.pools_allocating.discard(cap.info.pool)
         self._state = "captured"
         self._ops, self._pool_tensors = cap.ops, cap.created
         emu.events.append(("capture_end", self.record.index, "succeeded"))
@@ -627,6 +676,11 @@ class EmulatedCUDAGraph:
             )
         if emu.capturing() is not None:
             raise RuntimeError("CUDAGraph.replay() during a capture is not emulated")
+        if any(g._cdata in emu.generators_in_capture for g in emu._with_default(self._generators)):
+            raise RuntimeError(
+                f"{OFFSET_OUTSIDE_CAPTURE} (replaying graph {self.record.index}: a failed"
+                " capture left one of its generators in capture mode) [cuda_graph_emulation]"
+            )
         with torch._C._AutoDispatchBelowADInplaceOrView():
             with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_KEYS):
                 for op in self._ops:
@@ -748,6 +802,13 @@ class Emulator:
         self.events: list[tuple] = []
         self._capture_streams: dict[Any, EmulatedStream] = {}
         self._pools = itertools.count(1)
+        #: generators in capture mode (``_cdata`` -> generator): see the module docstring, 6
+        self.generators_in_capture: dict[int, torch.Generator] = {}
+        #: pools of captures begun and not ended (a failed capture's, until released)
+        self.pools_allocating: set = set()
+        #: pools ended and released by ``torch._C._cuda_endAllocateToPool``/``_cuda_releasePool``
+        self.pools_released: list = []
+        self._guard: _GeneratorsInCaptureGuard | None = None
         self._local = threading.local()
         self._global_captures = 0
         # torch.cuda.Stream, torch.cuda.CUDAGraph and torch.cuda.graph are classes in torch
@@ -801,6 +862,57 @@ class Emulator:
 
     def _new_pool_handle(self):
         return (next(self._pools), 0)
+
+    # generators and pools across captures (module docstring, point 6)
+    @staticmethod
+    def _with_default(generators) -> list[torch.Generator]:
+        return [*generators, torch.default_generator]
+
+    def _enter_generator_capture(self, generators) -> None:
+        for g in self._with_default(generators):
+            self.generators_in_capture[g._cdata] = g
+
+    def _exit_generator_capture(self, generators) -> None:
+        for g in self._with_default(generators):
+            self.generators_in_capture.pop(g._cdata, None)
+        if not self.generators_in_capture and self._guard is not None:
+            current = torch.utils._python_dispatch._get_current_dispatch_mode()
+            if current is not self._guard:
+                raise RuntimeError("the emulation's generator guard is not the innermost mode")
+            guard, self._guard = self._guard, None
+            guard.__exit__(None, None, None)
+
+    def _capture_failed(self) -> None:
+        if self.generators_in_capture and self._guard is None:
+            self._guard = _GeneratorsInCaptureGuard(self)
+            self._guard.__enter__()
+
+    def close(self) -> None:
+        """Leave the generator guard a failed capture entered (the test's teardown)."""
+        self.generators_in_capture.clear()
+        self._exit_generator_capture(())
+
+    @property
+    def leaked_pools(self) -> set:
+        """Pools of failed captures that were never ended and released."""
+        return self.pools_allocating - {c.pool for c in self.captures if c.status == "capturing"}
+
+    def end_allocate_to_pool(self, device_index: int, pool) -> None:
+        """``torch._C._cuda_endAllocateToPool``: refuses a pool no capture is allocating to."""
+        if pool not in self.pools_allocating:
+            raise RuntimeError(
+                f"endAllocatePool: not currently recording to mempool_id {pool}"
+                " [cuda_graph_emulation]"
+            )
+        self.pools_allocating.discard(pool)
+        self.events.append(("end_allocate_to_pool", device_index, pool))
+
+    def release_pool(self, device_index: int, pool) -> None:
+        """``torch._C._cuda_releasePool``."""
+        if pool in self.pools_allocating:
+            raise RuntimeError(f"releasePool: {pool} is still allocating [cuda_graph_emulation]")
+        self.pools_released.append(pool)
+        self.events.append(("release_pool", device_index, pool))
 
     def _host_sync(self, what: str, stream: EmulatedStream | None = None) -> None:
         cap = self.capturing()
@@ -898,7 +1010,8 @@ def _patched_str(emulator: Emulator, original):
 
 def install(monkeypatch, *, default_device="cpu", poison_pool: bool = True) -> Emulator:
     """Replace torch.cuda's graph, stream and device API by the CPU emulation, for the test
-    (``monkeypatch`` undoes it).  ``default_device``: the current device outside any
+    (``monkeypatch`` undoes it; the fixtures call ``Emulator.close()`` at teardown).
+    ``default_device``: the current device outside any
     ``torch.cuda.device`` block; ``poison_pool``: fill what a capture allocated with garbage."""
     emu = Emulator(default_device, poison_pool)
     monkeypatch.setattr(torch.cuda, "CUDAGraph", emu.CUDAGraph)
@@ -910,6 +1023,9 @@ def install(monkeypatch, *, default_device="cpu", poison_pool: bool = True) -> E
     monkeypatch.setattr(torch.cuda, "synchronize", emu.synchronize)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", emu.graph_pool_handle)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", emu.is_current_stream_capturing)
+    monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", emu.end_allocate_to_pool)
+    monkeypatch.setattr(torch._C, "_cuda_releasePool", emu.release_pool)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: emu.current_device().index or 0)
     monkeypatch.setattr(torch.Tensor, "tolist", _patched_tolist(emu, torch.Tensor.tolist))
     monkeypatch.setattr(torch._tensor_str, "_str", _patched_str(emu, torch._tensor_str._str))
     return emu

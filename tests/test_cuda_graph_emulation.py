@@ -25,7 +25,9 @@ interpreter_only = pytest.mark.skipif(
 
 @pytest.fixture
 def emu(monkeypatch):
-    return cuda_graph_emulation.install(monkeypatch)
+    emulator = cuda_graph_emulation.install(monkeypatch)
+    yield emulator
+    emulator.close()
 
 
 def capture(step, *, generators=(), **graph_kwargs):
@@ -374,6 +376,48 @@ def test_unregistered_generator_raises(emu):
     with pytest.raises(RuntimeError, match="not registered with the graph"):
         capture(lambda: torch.randn(2, generator=gen))
     assert emu.captures_failed == 1
+
+
+def test_a_failed_capture_leaves_its_generators_in_capture_mode(emu):
+    """As torch 2.4-2.12: after a failed capture, eager draws from its generators (registered
+    or the default one, given or implied) and replays of graphs using them raise, until a
+    capture with them succeeds; other generators draw as before."""
+    gen, other = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    good, _ = capture(lambda: torch.ones(1) + 1)
+    with pytest.raises(RuntimeError):
+        capture(lambda: torch.randn(2, generator=gen).sum().item(), generators=[gen])
+    outside = "Offset increment outside graph capture"
+    for draw in (
+        lambda: torch.randn(2, generator=gen),
+        lambda: torch.randn(2),
+        lambda: torch.nn.functional.dropout(torch.ones(4), 0.5),
+        lambda: torch.randint(0, 5, (2,), generator=torch.default_generator),
+    ):
+        with pytest.raises(RuntimeError, match=outside):
+            draw()
+    with pytest.raises(RuntimeError, match=outside):
+        good.replay()
+    torch.randn(2, generator=other)  # not in the failed capture
+    capture(lambda: torch.zeros(1), generators=[gen])  # a capture that succeeds
+    assert not emu.generators_in_capture
+    torch.randn(2, generator=gen), torch.randn(2)
+    good.replay()
+
+
+def test_a_failed_capture_keeps_its_pool_until_ended_and_released(emu):
+    pool = torch.cuda.graph_pool_handle()
+    with pytest.raises(RuntimeError):
+        capture(lambda: torch.ones(2).sum().item(), pool=pool)
+    assert emu.leaked_pools == {pool}
+    with pytest.raises(RuntimeError, match="still allocating"):
+        torch._C._cuda_releasePool(0, pool)
+    torch._C._cuda_endAllocateToPool(0, pool)
+    torch._C._cuda_releasePool(0, pool)
+    assert not emu.leaked_pools and emu.pools_released == [pool]
+    with pytest.raises(RuntimeError, match="not currently recording"):
+        torch._C._cuda_endAllocateToPool(0, pool)
+    graph, _ = capture(lambda: torch.ones(1) + 1)
+    assert not emu.leaked_pools  # a capture that succeeds ends its pool's allocation
 
 
 def test_registered_and_default_generators_are_allowed(emu):

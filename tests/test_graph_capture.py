@@ -185,10 +185,52 @@ def test_a_model_that_cannot_be_captured_trains_eagerly_from_the_same_state(emul
     assert "training step: cuda_graph: the capture failed" in messages[0]
     assert "operation not permitted when stream is capturing" in messages[0]
     assert emulated_cuda.replays == 0
+    _assert_capture_closed(emulated_cuda.emulator)
     emulated_cuda.disable()  # the same runs, never captured
     eager = run_with()
     assert max_diff(failed.model, eager.model) == 0
     assert max_diff(failed.ema_model, eager.ema_model) == 0
+
+
+def _assert_capture_closed(emu):
+    """What torch leaves half-open after a failed capture was closed by fastdiff: no
+    generator in capture mode (torch <= 2.12 would raise at the next draw or replay), and
+    every failed capture's memory pool ended and released."""
+    failed = [c.pool for c in emu.captures if c.status == "failed"]
+    assert failed and not emu.generators_in_capture
+    assert not emu.leaked_pools and set(failed) <= set(emu.pools_released)
+
+
+class HostReadingSamplerModel(nn.Module):
+    """Reads a tensor on the host only without grad: the training step captures, the sample
+    grid's sampler does not."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = training.model_for_data((1, 8, 8), "tiny")
+
+    def forward(self, z, t):
+        if not torch.is_grad_enabled():
+            z = z * (1.0 + 0.0 * float(z.abs().amax().item()))
+        return self.inner(z, t)
+
+
+def test_a_failed_grid_capture_does_not_stop_the_captured_training(emulated_cuda, tmp_path,
+                                                                   caplog):  # fmt: skip
+    """The grid's sampler fails to capture in the middle of a captured run: the grid is drawn
+    eagerly, and the training graph goes on replaying (torch <= 2.12 would refuse the replay
+    while the failed capture left the default generator in capture mode)."""
+    torch.manual_seed(0)
+    with caplog.at_level(logging.WARNING, logger="fastdiff"):
+        fastdiff.train(tiny_data(n=5), model=HostReadingSamplerModel(), steps=8, batch_size=2,
+                       out_dir=tmp_path, sample_every=4, **TINY, **GRID)  # fmt: skip
+    said = [r.getMessage() for r in caplog.records]
+    assert any("sampling: cuda_graph: the capture failed" in m for m in said), said
+    assert emulated_cuda.train_captures >= 1
+    grid_failed = next(i for i, c in enumerate(emulated_cuda.capture_log) if c.status == "failed")
+    replays_after = [e for e in emulated_cuda.emulator.events[grid_failed:] if e[0] == "replay"]
+    assert replays_after and (tmp_path / "samples.png").exists()
+    _assert_capture_closed(emulated_cuda.emulator)
 
 
 class _HostReadInBackward(torch.autograd.Function):
@@ -388,6 +430,7 @@ def test_a_sampler_that_cannot_be_captured_runs_eagerly(emulated_cuda, caplog):
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 1 and "sampling: cuda_graph: the capture failed" in said[0]
     assert sampler.graph_failed and emulated_cuda.replays == 0
+    _assert_capture_closed(emulated_cuda.emulator)
     assert torch.equal(fallback, eager) and torch.equal(again, eager)
     with torch.inference_mode(), pytest.raises(fastdiff.GraphCaptureError):
         _sampler(HostBranchDenoiser(), T=5).run_graph(z0, 5, strict=True)
