@@ -7,8 +7,9 @@ channels_last when asked): convolutions, linears and F.scaled_dot_product_attent
 on bf16 operands directly, and the fused GroupNorm kernel reads bf16 weights while keeping its
 statistics in fp32.  The user's module is never modified.  The copy is cached per source
 module and rebuilt when the source's weights change (any in-place update, e.g. an EMA step,
-bumps the tensors' version counters) or when the layout differs.  Other models, precisions
-and devices get the source module back unchanged (autocast as before).
+bumps the tensors' version counters) or when the layout differs; a module made under
+``torch.inference_mode()`` has no version counters and is cast at every call.  Other models,
+precisions and devices get the source module back unchanged (autocast as before).
 """
 
 from __future__ import annotations
@@ -26,8 +27,13 @@ from .unet import UNet
 _COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _weights_key(model: nn.Module, channels_last: bool) -> tuple:
-    tensors = itertools.chain(model.parameters(), model.buffers())
+def _weights_key(model: nn.Module, channels_last: bool) -> tuple | None:
+    """What the cached copy was cast from; None when that cannot be told: tensors made under
+    ``torch.inference_mode()`` (a model loaded there) keep no version counter, so in-place
+    updates to them are invisible and such a model is cast afresh at every call."""
+    tensors = list(itertools.chain(model.parameters(), model.buffers()))
+    if any(t.is_inference() for t in tensors):
+        return None
     return channels_last, tuple((t.data_ptr(), t._version) for t in tensors)
 
 
@@ -41,10 +47,13 @@ def sampling_model(
         return model
     key = _weights_key(model, channels_last)
     cached = _COPIES.get(model)
-    if cached is not None and cached[0] == key:
+    if key is not None and cached is not None and cached[0] == key:
         return cached[1]
     fmt = torch.channels_last if channels_last else torch.preserve_format
     bf16 = copy.deepcopy(model).to(dtype=torch.bfloat16, memory_format=fmt)
     bf16.eval().requires_grad_(False)
-    _COPIES[model] = (key, bf16)
+    if key is None:
+        _COPIES.pop(model, None)
+    else:
+        _COPIES[model] = (key, bf16)
     return bf16

@@ -64,7 +64,10 @@ def resolve_precision(precision: str, device: torch.device) -> Precision:
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
     if precision == "auto":
         if device.type == "cuda":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            # Native bf16 from Ampere (sm_80) on, on this device; is_bf16_supported() also
+            # says yes to emulated bf16 (V100, T4), where fp16 is the fast choice.
+            native = torch.cuda.get_device_capability(device)[0] >= 8
+            precision = "bf16" if native else "fp16"
         else:
             precision = "bf16" if cpu_has_native_bf16() else "fp32"
     if precision == "bf16":

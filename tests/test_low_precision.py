@@ -42,6 +42,30 @@ def test_copy_follows_in_place_weight_updates():
     )
 
 
+def test_a_model_made_under_inference_mode_is_cast_at_every_call():
+    """Inference tensors keep no version counter (reading one raises): no cache, so an
+    in-place update made under inference mode is never sampled stale."""
+    with torch.inference_mode():
+        model = UNet.preset("tiny")
+        first = sampling_model(model, BF16, CUDA, channels_last=False)
+        model.conv_in.bias.add_(1.0)
+        second = sampling_model(model, BF16, CUDA, channels_last=False)
+    assert second is not first
+    torch.testing.assert_close(first.conv_in.bias + 1, second.conv_in.bias, rtol=2**-7, atol=0)
+
+
+@pytest.mark.parametrize("capability,want", [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"),
+                                             ((9, 0), "bf16")])  # fmt: skip
+def test_auto_precision_on_cuda_takes_bf16_only_where_it_is_native(monkeypatch, capability, want):
+    asked = []
+    monkeypatch.setattr(
+        torch.cuda, "get_device_capability", lambda d: asked.append(d) or capability
+    )
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # emulation counts
+    device = torch.device("cuda", 1)
+    assert resolve_precision("auto", device).name == want and asked == [device]
+
+
 @pytest.mark.parametrize(
     "model,precision,device",
     [
