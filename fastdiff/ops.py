@@ -1147,7 +1147,8 @@ def dpm_solver_step(
         raise ValueError("x0_prev: expected the memory layout of z_t (it is written in place)")
     target = out if out is not None and out.stride() == z_t.stride() else _dense_empty_like(z_t)
     _dpm_solver_step_op(
-        target, x0_prev, z_t, pred, step.reshape(1), coefs.float(), clip_x0, pred_uncond,
+        target, x0_prev, z_t, pred, step.reshape(1), coefs.float().contiguous(), clip_x0,
+        pred_uncond,
         float(guidance_scale),
     )  # fmt: skip
     if out is not None and target is not out:

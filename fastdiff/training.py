@@ -452,6 +452,11 @@ class _Run:
         self.dist = dist_info or distributed.DistInfo()
         self.net = distributed.wrap(model, self.dist, device)  # what forward/backward run through
         rank_seed = cfg.seed + 1_000_003 * self.dist.rank
+        if self.dist.world > 1:
+            # Every rank seeded the default generators alike for the model's init (identical
+            # replicas); from here they serve dropout, whose masks must differ between ranks
+            # as the data, t and noise do.  (Per rank in the checkpoint: exact resume holds.)
+            torch.manual_seed(rank_seed + 3)
         self.batches = make_batches(
             source, cfg.batch_size, device, seed=rank_seed, num_workers=workers, labels=labels
         )

@@ -77,7 +77,7 @@ def ddim_step_kernel(
         eps = load_eps(pred_ptr, uncond_ptr, base, offs, mask, guidance, GUIDED)
         x0 = (z - sqrt_1m_a * eps) * inv_sqrt_a
         if CLIP_X0:
-            clamped = tl.minimum(tl.maximum(x0, -1.0), 1.0)
+            clamped = tl.clamp(x0, -1.0, 1.0, propagate_nan=tl.PropagateNan.ALL)
             if REDERIVE:
                 eps = eps + back * (x0 - clamped)
             x0 = clamped

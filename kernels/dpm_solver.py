@@ -39,7 +39,7 @@ def dpm_solver_step_kernel(
         eps = load_eps(pred_ptr, uncond_ptr, base, offs, mask, scale, GUIDED)
         x0 = p * z - q * eps
         if CLIP_X0:
-            x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
+            x0 = tl.clamp(x0, -1.0, 1.0, propagate_nan=tl.PropagateNan.ALL)
         prev = tl.load(x0_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         out = a * z + b * x0 + c * (x0 - prev)
         tl.store(out_ptr + base + offs, out.to(out_ptr.dtype.element_ty), mask=mask)

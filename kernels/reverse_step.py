@@ -72,7 +72,7 @@ def reverse_step_kernel(
         mu = cz * z - ce * pred
         if CLIP_X0:
             x0 = rz * z - re * pred
-            mu = mu + c0 * (tl.minimum(tl.maximum(x0, -1.0), 1.0) - x0)
+            mu = mu + c0 * (tl.clamp(x0, -1.0, 1.0, propagate_nan=tl.PropagateNan.ALL) - x0)
         out = mu + sigma * eps
         tl.store(out_ptr + base + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 

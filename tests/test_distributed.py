@@ -82,6 +82,8 @@ def test_two_ranks_train_one_model_and_resume_exactly(tmp_path):
     state = ckpt.load_train_state(ckpt.find_checkpoint(tmp_path / "a"))
     assert state["world_size"] == 2 and len(state["ranks"]) == 2
     assert not torch.equal(state["ranks"][0]["t_generator"], state["ranks"][1]["t_generator"])
+    # the default generator (dropout) too: seeded alike for the init, then per rank
+    assert not torch.equal(state["ranks"][0]["torch_rng"], state["ranks"][1]["torch_rng"])
 
     launch(tmp_path / "b", 2, tmp_path)
     resumed = launch(tmp_path / "b", 4, tmp_path, resume=True)
