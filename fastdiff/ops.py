@@ -1148,8 +1148,7 @@ def dpm_solver_step(
     target = out if out is not None and out.stride() == z_t.stride() else _dense_empty_like(z_t)
     _dpm_solver_step_op(
         target, x0_prev, z_t, pred, step.reshape(1), coefs.float().contiguous(), clip_x0,
-        pred_uncond,
-        float(guidance_scale),
+        pred_uncond, float(guidance_scale),
     )  # fmt: skip
     if out is not None and target is not out:
         return out.copy_(target)
