@@ -107,7 +107,7 @@ with the 4x4 level at 128 channels (2.59M parameters) 5.93, and with ``num_res_b
 against 5.51 for five unconditional seeds: still behind, though an unconditional model of
 this shape scores 5.86 (six seeds), so part of the gap is the shape's; ``dropout=0.1``
 here raises the training loss and leaves the null class at 6.26 (four seeds);
-``scale_shift_norm=True`` on the 1.1M shape scored 6.02 on one seed.  The wider
+``scale_shift_norm=True`` on the 1.1M shape scores 5.85 (three seeds).  The wider
 4x4 level costs 1.2-1.45x per training step on 2 CPU cores (249 images/s against 301-364).
 docs/PERFORMANCE.md, "Classifier-free guidance (digits)".
 """
