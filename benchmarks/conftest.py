@@ -18,6 +18,7 @@ for the CUDA cases only.  CUDA cases are skipped when no CUDA device is present.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 
@@ -273,3 +274,22 @@ def _rounds_summary(tr):
                     f"  {key}: {fast['attrs'][key]} is {slow['median'] / fast['median']:.2f}x"
                     f" faster than {slow['attrs'][key]} ({same})"
                 )
+
+
+#: benchmarks/gpu_check.py sets this to a file that gets one JSON line per benchmark as soon as
+#: it has run (pytest-benchmark writes its --benchmark-json only when the session ends, so a
+#: part killed at its time limit would otherwise lose every row).
+ROWS_ENV = "FASTDIFF_BENCH_ROWS"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """Append {"name", "median" (seconds or null), "extra_info"} of the benchmark that just ran
+    to $FASTDIFF_BENCH_ROWS (before the fixtures are torn down)."""
+    path = os.environ.get(ROWS_ENV)
+    bench = getattr(item, "funcargs", {}).get("benchmark")
+    if path and bench is not None and not getattr(bench, "skipped", False):
+        row = {"name": item.name, "median": median_seconds(bench), "extra_info": bench.extra_info}
+        with open(path, "a") as f:
+            f.write(json.dumps(row, default=str) + "\n")
+    yield

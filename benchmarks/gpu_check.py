@@ -22,6 +22,13 @@ a hang or a crash in one part still leaves the others' results:
    ``bench-train-more`` (fp32, fp16, contiguous, compile=True).  Summarised as one row per
    benchmark (median time and the extra_info figures: GB/s, % of copy, images/s, ms/step).
    ``--bench-k EXPR`` instead runs one part, ``bench``: all of benchmarks/ with ``-k EXPR``.
+   Each benchmark's row is appended to ``<part>.rows.jsonl`` as soon as it has run
+   (benchmarks/conftest.py, ``FASTDIFF_BENCH_ROWS``), so a part killed at its time limit keeps
+   the rows it finished; pytest-benchmark's own ``<part>.json`` is written only at its end.
+
+Each part's line is printed when it ends and the tables again at the end; a part that would
+start with less than ``MIN_PART_S`` left is not started ("SKIPPED (no time)").
+``--skip-tests`` leaves out part 2 (tools/gpu_session.sh runs the whole suite on CUDA first).
 
 ``--smoke`` runs the same parts on the CPU, small (how the test suite checks this script).
 Exit status: 0 when every part passed, 1 otherwise.
@@ -77,6 +84,11 @@ FULL_PARTS = [
     ("bench-train-more", "test_bench_train_sample.py",
      f"test_train_step and cuda and not ({_TRAIN_CORE})", 300),
 ]  # fmt: skip
+#: A part is not started with less time than this left: importing torch, starting CUDA and
+#: collecting tests alone take ~10-20 s, so a shorter part could only fail.
+MIN_PART_S = 30.0
+#: Where benchmarks/conftest.py appends one JSON line per finished benchmark.
+ROWS_ENV = "FASTDIFF_BENCH_ROWS"
 #: extra_info keys worth a column, in order (benchmarks may record any subset).
 FIGURES = [
     ("device_us", "device us"),
@@ -133,14 +145,23 @@ def tests_part_args(smoke: bool = False) -> list[str]:
     return args + (["-k", SMOKE_K] if smoke else [])
 
 
-def run_part(name: str, cmd: list[str], out: Path, timeout: float, cwd: Path) -> dict:
-    """Run one part; its stdout+stderr go to out/<name>.log.  Returns status and timing."""
+def run_part(
+    name: str, cmd: list[str], out: Path, timeout: float, cwd: Path, extra_env=None
+) -> dict:
+    """Run one part; its stdout+stderr go to out/<name>.log.  Returns status and timing;
+    prints the part's line at once (a run cut short still shows the parts that ended).
+    With less than MIN_PART_S of ``timeout`` the part is not started."""
     log = out / f"{name}.log"
+    if timeout < MIN_PART_S:
+        log.write_text(f"not started: {timeout:.0f} s left\n")
+        return _report({"part": name, "status": "SKIPPED (no time)", "seconds": 0.0, "log": log})
     start = time.perf_counter()
     # A clean child: no interpreter, and nothing of a parent pytest(-xdist) run.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "TRITON_INTERP"))}
+    env.pop("FASTDIFF_BACKEND", None)  # default dispatch: the Triton kernels on CUDA tensors
     env["FASTDIFF_STRICT"] = "1"  # no part may time (or pass on) an eager fallback
     env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra_env or {})
     with open(log, "w") as f:
         try:
             proc = subprocess.run(
@@ -149,7 +170,15 @@ def run_part(name: str, cmd: list[str], out: Path, timeout: float, cwd: Path) ->
             status = "pass" if proc.returncode == 0 else f"FAIL (exit {proc.returncode})"
         except subprocess.TimeoutExpired:
             status = f"FAIL (over {timeout:.0f} s)"
-    return {"part": name, "status": status, "seconds": time.perf_counter() - start, "log": log}
+    return _report(
+        {"part": name, "status": status, "seconds": time.perf_counter() - start, "log": log}
+    )
+
+
+def _report(result: dict) -> dict:
+    part, status, seconds = result["part"], result["status"], result["seconds"]
+    print(f"ended part {part}: {status} ({seconds:.0f} s)", flush=True)
+    return result
 
 
 def last_json_line(log: Path) -> dict:
@@ -169,15 +198,23 @@ def pytest_summary(log: Path) -> str:
     return tail[-1].strip("= ") if tail else "(no pytest summary)"
 
 
-def bench_rows(report: Path) -> list[list[str]]:
-    """One row per benchmark: name, median, and the FIGURES present in its extra_info."""
+def bench_rows(rows_file: Path) -> list[list[str]]:
+    """One row per benchmark line of ``rows_file`` (JSON lines of benchmarks/conftest.py:
+    name, median seconds or null, extra_info): name, median, and the FIGURES present."""
     rows = []
-    for b in json.loads(report.read_text())["benchmarks"]:
-        info = b.get("extra_info", {})
-        row = [b["fullname"].split("::")[-1], f"{b['stats']['median'] * 1e3:.3f} ms"]
+    for line in rows_file.read_text(errors="replace").splitlines():
+        try:
+            b = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill
+            continue
+        info = dict(b.get("extra_info") or {})
+        if "s_per_step" in info and "ms_per_step" not in info:
+            info["ms_per_step"] = info["s_per_step"] * 1e3
+        median = b.get("median")
+        row = [b["name"], "-" if median is None else f"{median * 1e3:.3f} ms"]
         for key, _ in FIGURES:
             value = info.get(key)
-            row.append("" if value is None else f"{value:,.1f}")
+            row.append(f"{value:,.1f}" if isinstance(value, (int, float)) else "")
         rows.append(row)
     return rows
 
@@ -203,6 +240,9 @@ def main(argv=None) -> int:
         "--full", action="store_true", help="also diffusers and the other training variants"
     )
     parser.add_argument("--smoke", action="store_true", help="run the parts on the CPU, small")
+    parser.add_argument(
+        "--skip-tests", action="store_true", help="leave out the CUDA tests (run elsewhere)"
+    )
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -217,7 +257,7 @@ def main(argv=None) -> int:
         cwd = Path(cwd_name)
 
         def left(share: float) -> float:
-            return max(5.0, min(share, deadline - time.perf_counter()))
+            return max(0.0, min(share, deadline - time.perf_counter()))
 
         results.append(run_part("env", [py, "-c", ENV_PROBE], out, left(60), cwd))
         env = last_json_line(out / "env.log")
@@ -233,7 +273,8 @@ def main(argv=None) -> int:
             "no:cacheprovider",
             *tests_part_args(args.smoke),
         ]
-        results.append(run_part("tests", test_cmd, out, left(150), cwd))
+        if not args.skip_tests:
+            results.append(run_part("tests", test_cmd, out, left(150), cwd))
         results.append(
             run_part(
                 "graph",
@@ -249,8 +290,9 @@ def main(argv=None) -> int:
             parts = BENCH_PARTS + (FULL_PARTS if args.full else [])
         reports = []
         for name, path, k, share in parts:
-            report = out / f"{name}.json"
-            report.unlink(missing_ok=True)  # a stale report of an earlier run is no result
+            report, rows_file = out / f"{name}.json", out / f"{name}.rows.jsonl"
+            for stale in (report, rows_file):  # an earlier run's results are no result
+                stale.unlink(missing_ok=True)
             bench_cmd = [
                 py, "-m", "pytest", str(ROOT / "benchmarks" / path), "--benchmark-only", "-q",
                 "-p", "no:cacheprovider", "-k", k, f"--benchmark-json={report}",
@@ -258,8 +300,10 @@ def main(argv=None) -> int:
             ]  # fmt: skip
             if args.smoke:
                 bench_cmd += ["--benchmark-disable-gc", "-x"]
-            results.append(run_part(name, bench_cmd, out, left(share), cwd))
-            reports.append(report)
+            results.append(
+                run_part(name, bench_cmd, out, left(share), cwd, {ROWS_ENV: str(rows_file)})
+            )
+            reports.append(rows_file)
 
     notes = {
         "env": ", ".join(f"{k}={v}" for k, v in env.items()),
@@ -270,6 +314,7 @@ def main(argv=None) -> int:
          notes.get(r["part"]) or pytest_summary(r["log"])]
         for r in results
     ]  # fmt: skip
+    print()
     print(format_table(["part", "status", "time", "result"], summary))
     rows = [row for report in reports if report.exists() for row in bench_rows(report)]
     if rows:

@@ -364,6 +364,9 @@ def device_table(request):
 def _record(benchmark, table, op, case_id, sides: dict, nbytes: int):
     """Times each side (device, host), fills extra_info and the table; pytest-benchmark then
     times the fastdiff side's graph of REPS calls replayed (host wall clock)."""
+    # Strict: the "fastdiff" side must be the kernels, never the torch reference (which
+    # default dispatch would pick, e.g., where triton cannot be imported).
+    assert ops.backend_on(DEVICE) == "triton", "fastdiff's ops would not run the Triton kernels"
     copy_rate = copy_gbps(nbytes)
     rows = {}
     for side, fn in sides.items():

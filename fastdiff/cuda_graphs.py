@@ -140,24 +140,45 @@ def capture(
     stream = side_stream(device)  # a new one: a failed capture may leave its stream unusable
     previous = torch.cuda.current_stream(device)
     stream.wait_stream(previous)
+    _clear_cublas_workspaces()
     try:
         with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
             body()
     except Exception as exc:  # noqa: BLE001 - any failure of a user's step means: run eagerly
-        # torch.cuda.graph leaves the capture stream current when ending the capture raises.
-        if torch.cuda.current_stream(device) != previous:
+        # torch.cuda.graph restores the stream only when the capture itself ended well (the
+        # step raised a plain Python error, no illegal CUDA call): then the graph's pool and
+        # the generators were released as usual; otherwise capture_end raised before that.
+        ended = torch.cuda.current_stream(device) == previous
+        if not ended:
             torch.cuda.set_stream(previous)
         del graph
-        _release_pool(device, pool)
-        _end_generator_capture(device, generators)
+        if not ended:
+            _release_pool(device, pool)
+            _end_generator_capture(device, generators)
+        _clear_cublas_workspaces()
         for g, state in zip(generators, states, strict=True):
             g.set_state(state)
         if restore is not None:
             restore()
         fall_back(what, f"the capture failed ({describe(exc)})", strict)
         return None
+    _clear_cublas_workspaces()
     torch.cuda.current_stream(device).wait_stream(stream)
     return graph
+
+
+def _clear_cublas_workspaces() -> None:
+    """Drop cuBLAS's per-stream workspaces, before and after every capture (as torch.compile's
+    CUDA-graph trees do).  Before: the capture then allocates its workspace in its own pool,
+    instead of embedding one from the general pool that eager work on a stream of the same
+    handle allocated.  After: eager work does not reuse the graph's.  torch builds since
+    2026-02 free every workspace of a stream when a graph captured on it is reset
+    (pytorch#193402), which would pull a workspace from under a live graph that shared it:
+    e.g. the training step's, when a sample grid's graph is dropped.  (Private torch API:
+    skipped where absent.)"""
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if callable(clear):
+        clear()
 
 
 def _device_index(device: torch.device) -> int:

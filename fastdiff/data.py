@@ -39,6 +39,7 @@ __all__ = [
     "InMemoryBatches",
     "StreamingBatches",
     "make_batches",
+    "BATCH_KINDS",
 ]
 
 #: Names accepted by :func:`load_builtin` (and as the ``data`` argument).
@@ -338,6 +339,8 @@ class InMemoryBatches(Batches):
     ``labels`` (N,) int64, if given, are stored on the device beside it.
     """
 
+    kind = "in_memory"
+
     def __init__(self, data: torch.Tensor, batch_size: int, device, *, seed: int = 0, labels=None):
         _check_batch_size(batch_size)
         self.device = torch.device(device)
@@ -378,7 +381,7 @@ class InMemoryBatches(Batches):
     def state_dict(self) -> dict:
         """Generator state, current permutation (CPU int64) and position within it."""
         return {
-            "kind": "in_memory",
+            "kind": self.kind,
             "seed": self.seed,
             "num_images": self.num_images,
             "batch_size": self.batch_size,
@@ -389,7 +392,7 @@ class InMemoryBatches(Batches):
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where the run that wrote ``state`` was."""
-        self._check_state(state, "in_memory")
+        self._check_state(state, self.kind)
         self.seed = state["seed"]
         self.generator.set_state(state["generator"])
         perm = state["perm"]
@@ -454,6 +457,8 @@ class StreamingBatches(Batches):
     ``load_state_dict`` rebuilds that epoch's order and starts the sampler after the consumed
     batches, without loading them.
     """
+
+    kind = "streaming"
 
     def __init__(
         self,
@@ -523,7 +528,7 @@ class StreamingBatches(Batches):
     def state_dict(self) -> dict:
         """Seed, epoch and the number of batches consumed in that epoch."""
         return {
-            "kind": "streaming",
+            "kind": self.kind,
             "seed": self.seed,
             "num_images": self.num_images,
             "batch_size": self.batch_size,
@@ -533,11 +538,15 @@ class StreamingBatches(Batches):
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where the run that wrote ``state`` was."""
-        self._check_state(state, "streaming")
+        self._check_state(state, self.kind)
         self.seed = self.sampler.seed = int(state["seed"])
         self.epoch = int(state["epoch"])
         self.consumed = int(state["consumed"])
         self._iterator = None
+
+
+#: The kinds of batch source, as ``Batches.state_dict()["kind"]`` names them.
+BATCH_KINDS = ("in_memory", "streaming")
 
 
 def make_batches(
@@ -549,6 +558,7 @@ def make_batches(
     num_workers: int = 0,
     max_device_bytes: int | None = None,
     labels: torch.Tensor | None = None,
+    kind: str | None = None,
 ) -> Batches:
     """Pick a batch source for ``data`` (anything :func:`resolve_data` accepts), with
     ``labels`` (N,) for tensor data (fastdiff.labels; a Dataset yields its own).
@@ -556,17 +566,22 @@ def make_batches(
     A tensor whose float32 size is at most ``max_device_bytes`` -- by default 25% of the free
     memory on a CUDA device (``torch.cuda.mem_get_info``), unlimited on other devices -- gets
     :class:`InMemoryBatches`; a larger tensor or a Dataset gets :class:`StreamingBatches`.
+    ``kind`` (one of BATCH_KINDS) forces the choice for tensor data: a resumed run takes the
+    kind its checkpoint was saved by, whatever the free memory is now (the two kinds draw
+    different batches, so exact resume needs the same one).
     """
     _check_batch_size(batch_size)
+    if kind is not None and kind not in BATCH_KINDS:
+        raise ValueError(f"kind: expected one of {BATCH_KINDS} or None, got {kind!r}")
     if not isinstance(data, Dataset):
         data = resolve_data(data)  # validates tensors too; float32 input is not copied
     device = torch.device(device)
     if isinstance(data, Dataset):
         return StreamingBatches(data, batch_size, device, seed=seed, num_workers=num_workers)
     limit = max_device_bytes
-    if limit is None:
+    if limit is None and kind is None:
         limit = torch.cuda.mem_get_info(device)[0] // 4 if device.type == "cuda" else math.inf
-    if data.numel() * 4 <= limit:
+    if kind == "in_memory" or (kind is None and data.numel() * 4 <= limit):
         return InMemoryBatches(data, batch_size, device, seed=seed, labels=labels)
     return StreamingBatches(
         data, batch_size, device, seed=seed, num_workers=num_workers, labels=labels

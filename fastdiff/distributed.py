@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import FastDiffError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -142,6 +144,27 @@ def broadcast_from_main(obj, info: DistInfo):
     box = [obj if info.is_main else None]
     dist.broadcast_object_list(box, src=0, group=host_group(info))
     return box[0]
+
+
+def raise_together(error: BaseException | None, info: DistInfo) -> None:
+    """After a step of the set-up that may fail on one rank alone (rank 0's FID monitor: its
+    data check, its Inception file), every rank learns whether any failed (a collective, on
+    the host group): the failed rank raises its own ``error``, the others a FastDiffError
+    naming it.  Otherwise a rank that failed alone before DDP is built would leave the others
+    in DDP's first broadcast until the NCCL timeout."""
+    if not info.enabled:
+        if error is not None:
+            raise error
+        return
+    mine = None if error is None else f"{type(error).__name__}: {error}"
+    said: list = [None] * info.world
+    dist.all_gather_object(said, mine, group=host_group(info))
+    if error is not None:
+        raise error
+    failed = [(rank, text) for rank, text in enumerate(said) if text is not None]
+    if failed:
+        rank, text = failed[0]
+        raise FastDiffError(f"rank {rank} failed while setting up the run ({text}); stopping")
 
 
 def barrier(info: DistInfo) -> None:

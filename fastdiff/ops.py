@@ -424,21 +424,25 @@ def _(out, z, pred, t, coef_z, coef_eps, sigma, noise, seed, clip_x0_z, clip_x0_
 
 
 def _reverse_step_setup(ctx, inputs, output):
-    z, pred, t, coef_z, coef_eps, _, _, _, *clip, pred_uncond, scale = inputs
+    z, pred, t, coef_z, coef_eps, sigma, noise, _, *clip, pred_uncond, scale = inputs
     ctx.clip = clip[0] is not None
     ctx.guided, ctx.scale = pred_uncond is not None, scale
     guided = (pred_uncond,) if ctx.guided else ()
-    ctx.save_for_backward(t, coef_z, coef_eps, *((z, pred, *clip) if ctx.clip else ()), *guided)
+    ctx.save_for_backward(
+        t, coef_z, coef_eps, sigma, *((z, pred, *clip) if ctx.clip else ()), *guided
+    )
     ctx.grad_z, ctx.grad_pred = z.requires_grad, pred.requires_grad
     ctx.grad_uncond = ctx.guided and pred_uncond.requires_grad
+    ctx.noise_dtype = noise.dtype if noise is not None and noise.requires_grad else None
 
 
 def _reverse_step_backward(ctx, grad):
     """Linear in z and eps: per-sample scalings.  With x0 clipping, where x0 is clamped the
     output no longer depends on x0: the x0 part, coef_x0 * x0, is taken out of the gradient
     there (x0 = sqrt_recip_ac z - sqrt_recipm1_ac eps, recomputed from the saved inputs).
-    Guided, eps = u + s (pred - u): d/d pred = s d/d eps, d/d u = (1 - s) d/d eps."""
-    t, coef_z, coef_eps, *saved = ctx.saved_tensors
+    Guided, eps = u + s (pred - u): d/d pred = s d/d eps, d/d u = (1 - s) d/d eps.
+    A given noise tensor: d/d noise = sigma[t] (0 at t == 0)."""
+    t, coef_z, coef_eps, sigma, *saved = ctx.saved_tensors
     uncond = saved.pop() if ctx.guided else None
     g = grad.float()
     gz, gp = g * _broadcast(coef_z[t], g), -g * _broadcast(coef_eps[t], g)
@@ -454,7 +458,11 @@ def _reverse_step_backward(ctx, grad):
     scale = ctx.scale if ctx.guided else 1.0
     grad_pred = (scale * gp).to(grad.dtype) if ctx.grad_pred else None
     grad_uncond = ((1.0 - scale) * gp).to(grad.dtype) if ctx.grad_uncond else None
-    return (grad_z, grad_pred) + (None,) * 9 + (grad_uncond, None)
+    grad_noise = None
+    if ctx.noise_dtype is not None:
+        sig = torch.where(t == 0, torch.zeros_like(sigma[t]), sigma[t])
+        grad_noise = (g * _broadcast(sig, g)).to(ctx.noise_dtype)
+    return (grad_z, grad_pred) + (None,) * 4 + (grad_noise,) + (None,) * 4 + (grad_uncond, None)
 
 
 _reverse_step_op.register_autograd(_reverse_step_backward, setup_context=_reverse_step_setup)
@@ -1101,8 +1109,9 @@ def dpm_solver_step(
         pred: the model's eps prediction, shaped like z_t; pred_uncond likewise (or None).
         step: 1-element int64 tensor on z_t's device: the row of coefs (a CUDA graph reads
             it from memory at every replay).
-        x0_prev: the previous step's x0 (any value where C = 0), shaped and laid out like
-            z_t, float; overwritten in place.
+        x0_prev: the previous step's x0 (any finite value where C = 0: it enters as C (x0 -
+            x0_prev), and 0 * inf or NaN is NaN; zeros before the first step), shaped
+            and laid out like z_t, float; overwritten in place.
         coefs: (N, 5) float32 table of rows (P, Q, A, B, C) on z_t's device
             (samplers.dpm_solver.dpm_coefficients).
         validate: check 0 <= step < N (one host read).

@@ -40,7 +40,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import cuda_graphs, distributed, ops, preemption, train_graph
-from .data import make_batches, resolve_data
+from .data import BATCH_KINDS, make_batches, resolve_data
 from .diffusion import Diffusion, build_model
 from .ema import DEFAULT_POWER, EMA, check_power
 from .errors import CheckpointError, DataError, FastDiffError, OutputError
@@ -421,7 +421,13 @@ def train(
             num_classes = _check_model_classes(model, class_labels)
         model.to(dev, memory_format=memory_format(cl)).train()
 
-        fid = FIDMonitor(source, fid_samples, dev) if fid_every and dist_info.is_main else None
+        fid = setup_error = None
+        try:  # rank 0 alone: the other ranks must hear of a failure before DDP is built
+            if fid_every and dist_info.is_main:
+                fid = FIDMonitor(source, fid_samples, dev)
+        except Exception as exc:  # noqa: BLE001 - raised again, on every rank, just below
+            setup_error = exc
+        distributed.raise_together(setup_error, dist_info)
         run = _Run(model, sched, source, image_shape, cfg, dev, prec, cl, num_workers, dist_info,
                    cuda_graph=cuda_graph, compile=compile, strict=strict,
                    labels=class_labels, num_classes=num_classes)  # fmt: skip
@@ -457,9 +463,11 @@ class _Run:
             # replicas); from here they serve dropout, whose masks must differ between ranks
             # as the data, t and noise do.  (Per rank in the checkpoint: exact resume holds.)
             torch.manual_seed(rank_seed + 3)
-        self.batches = make_batches(
-            source, cfg.batch_size, device, seed=rank_seed, num_workers=workers, labels=labels
-        )
+        self._batch_args = dict(
+            data=source, batch_size=cfg.batch_size, device=device, seed=rank_seed,
+            num_workers=workers, labels=labels,
+        )  # fmt: skip
+        self.batches = make_batches(**self._batch_args)
         if compile:
             self.net = torch.compile(self.net)
         graph = train_graph.graph_enabled(cuda_graph, device, self.dist, strict)
@@ -851,10 +859,23 @@ class _Run:
         torch.set_rng_state(mine["torch_rng"])
         if "cuda_rng" in mine and self.device.type == "cuda":
             torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
+        self._batches_of_kind(mine["batches"].get("kind"))
         self.batches.load_state_dict(mine["batches"])
         self.step = int(state["step"])
         self.restored_from = directory
         return directory
+
+    def _batches_of_kind(self, kind) -> None:
+        """Take the batch source kind a checkpoint was saved by: in-memory or streamed was
+        chosen from the device's free memory when that run started, which a resume may not
+        see again (the captured step gathers from the new source)."""
+        if kind == self.batches.kind or kind not in BATCH_KINDS:
+            return  # an unknown kind: load_state_dict names it
+        if isinstance(self._batch_args["data"], torch.utils.data.Dataset):
+            return  # only ever streamed
+        self.batches = make_batches(**self._batch_args, kind=kind)
+        if self.graph_step is not None:
+            self.graph_step = train_graph.GraphStep(self, self.strict)
 
     def _check_compatible(self, config: dict, directory: Path) -> None:
         saved = config.get("train", {})

@@ -80,10 +80,13 @@ def philox4x32_10(seed, c0, c1):
         a2 = c2
         c0 = tl.umulhi(a2, _PHILOX_ROUND_B) ^ c1 ^ k0
         c2 = tl.umulhi(a0, _PHILOX_ROUND_A) ^ c3 ^ k1
-        c1 = a2 * _PHILOX_ROUND_B
-        c3 = a0 * _PHILOX_ROUND_A
-        k0 = k0 + _PHILOX_KEY_A
-        k1 = k1 + _PHILOX_KEY_B
+        # Philox wraps around mod 2^32 by design: without sanitize_overflow=False, debug
+        # builds (TRITON_DEBUG=1) assert "int32 overflow" here on every call (as in
+        # triton.language.random).
+        c1 = tl.mul(a2, _PHILOX_ROUND_B, sanitize_overflow=False)
+        c3 = tl.mul(a0, _PHILOX_ROUND_A, sanitize_overflow=False)
+        k0 = tl.add(k0, _PHILOX_KEY_A, sanitize_overflow=False)
+        k1 = tl.add(k1, _PHILOX_KEY_B, sanitize_overflow=False)
     return c0, c1, c2, c3
 
 

@@ -241,7 +241,9 @@ def group_norm_bwd_kernel(
     x = tl.load(x_ptr + offs, mask=mask, other=mu).to(tl.float32)  # xhat = 0 off-mask
     dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     xhat, dy = _act_grad(x, dout, w, b, mu, rstd, SILU)
-    inv_m = 1.0 / (HW * Cg).to(tl.float32)
+    # Not (HW * Cg).to(...): an int argument equal to 1 is specialised to a constexpr,
+    # and with HW == Cg == 1 the product is a plain int without .to.
+    inv_m = 1.0 / (HW * Cg)
     dx = rstd * (w * dy - (s1 + xhat * s2) * inv_m)
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 

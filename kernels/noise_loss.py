@@ -25,6 +25,12 @@ from .common import (
     seed_tensor,
 )
 
+#: Compile options of both kernels.  Without fusion: pred - eps would otherwise become one fma
+#: on eps = R cos(theta) unrounded, so the loss would see an eps 0.5 ulp off the one the other
+#: kernels (which multiply the rounded eps) regenerate from the same seed, and differ between
+#: tile layouts (the FLAT4/NHWC4 selects fold away, GENERIC's do not).
+COMPILE_OPTIONS = {"enable_fp_fusion": False}
+
 
 @triton.jit
 def _eps(noise_ptr, seed, base, offs, mask, C, HW, blocks_per_sample, s: tl.constexpr,
@@ -90,7 +96,7 @@ def noise_loss_sums_triton(pred: torch.Tensor, noise=None, seed=None) -> torch.T
     blocks = args["blocks_per_sample"]
     partial = torch.empty(B * blocks, dtype=torch.float32, device=pred.device)
     launch(noise_loss_fwd_kernel, pred, args, seeded=noise is None, pred_ptr=pred,
-           partial_ptr=partial, **_noise_args(pred, noise, seed))  # fmt: skip
+           partial_ptr=partial, **_noise_args(pred, noise, seed), **COMPILE_OPTIONS)  # fmt: skip
     return partial.view(B, blocks).sum(dim=1)
 
 
@@ -104,5 +110,6 @@ def noise_loss_grad_triton(
     pred = dense(pred)
     grad = torch.empty_like(pred)
     launch(noise_loss_bwd_kernel, pred, seeded=noise is None, pred_ptr=pred, grad_ptr=grad,
-           scale_ptr=scale.float(), **_noise_args(pred, noise, seed))  # fmt: skip
+           scale_ptr=scale.float(), **_noise_args(pred, noise, seed),
+           **COMPILE_OPTIONS)  # fmt: skip
     return grad

@@ -33,7 +33,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fastdiff.kernels import common, group_norm  # noqa: E402
+from fastdiff.kernels import common, group_norm, noise_loss  # noqa: E402
 from fastdiff.kernels.ddim import ddim_step_kernel  # noqa: E402
 from fastdiff.kernels.dpm_solver import dpm_solver_step_kernel  # noqa: E402
 from fastdiff.kernels.noise_loss import noise_loss_bwd_kernel, noise_loss_fwd_kernel  # noqa: E402
@@ -125,6 +125,13 @@ def signature_of(fn, dtype: torch.dtype, constexprs: dict, scalar_types: dict | 
     return sig
 
 
+#: Kernels launched with compile options of their own (as their launchers pass them).
+LAUNCH_OPTIONS = {
+    noise_loss_fwd_kernel: noise_loss.COMPILE_OPTIONS,
+    noise_loss_bwd_kernel: noise_loss.COMPILE_OPTIONS,
+}
+
+
 def compile_fn(fn, signature: dict, constexprs: dict, cap: int, num_warps: int, aligned=()):
     attrs = {
         (i,): [["tt.divisibility", 16]]
@@ -132,7 +139,8 @@ def compile_fn(fn, signature: dict, constexprs: dict, cap: int, num_warps: int, 
         if a.endswith("_ptr") or a in aligned
     }
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": num_warps})
+    options = {"num_warps": num_warps, **LAUNCH_OPTIONS.get(fn, {})}
+    return triton.compile(src, target=GPUTarget("cuda", cap, 32), options=options)
 
 
 def resource_usage(cubin: bytes) -> dict:
@@ -166,6 +174,7 @@ def describe(compiled, cap: int) -> dict:
             or [0]
         ),
         "mulhi": ptx.count("mul.hi.u32"),
+        "fma_f32": len(re.findall(r"\bfma\.rn[.\w]*f32", ptx)),
         "lg2": ptx.count("lg2.approx"),
         "math": sorted(set(APPROX.findall(ptx))),
         "calls": sorted(

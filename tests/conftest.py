@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from helpers import write_npz
+from helpers import require_interpreter, write_npz
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -35,6 +35,16 @@ _share_cores_between_xdist_workers()
 def triton_backend(monkeypatch):
     """Run fastdiff.ops through the Triton kernels (the interpreter on CPU tensors)."""
     pytest.importorskip("triton")
+    monkeypatch.setenv("FASTDIFF_BACKEND", "triton")
+    return "triton"
+
+
+@pytest.fixture
+def cpu_triton(monkeypatch):
+    """The Triton kernels on CPU tensors: the interpreter (skipped in a CUDA run, where it is
+    off; tests on helpers.DEVICE use ``triton_backend`` and run compiled kernels there)."""
+    pytest.importorskip("triton")
+    require_interpreter()
     monkeypatch.setenv("FASTDIFF_BACKEND", "triton")
     return "triton"
 
@@ -69,11 +79,8 @@ class EmulatedCuda:
 
         from fastdiff import cuda_graphs
 
-        self.emulator = emu = cuda_graph_emulation.install(monkeypatch)
+        self.emulator = cuda_graph_emulation.install(monkeypatch)
         self._monkeypatch = monkeypatch
-        monkeypatch.setattr(
-            torch.cuda, "set_stream", lambda s: emu._streams().update({s.device: s})
-        )
         monkeypatch.setattr(cuda_graphs, "on_cuda", lambda device: True)
         monkeypatch.setenv("FASTDIFF_BACKEND", "triton")
 
@@ -114,6 +121,7 @@ class EmulatedCuda:
 @pytest.fixture
 def emulated_cuda(monkeypatch):
     pytest.importorskip("triton")
+    require_interpreter()  # the emulated steps run the kernels on CPU tensors
     cuda = EmulatedCuda(monkeypatch)
     yield cuda
     cuda.emulator.close()

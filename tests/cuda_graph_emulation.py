@@ -172,7 +172,9 @@ class CaptureRecord:
     pool: Any
     capture_error_mode: str
     thread: int
-    status: str = "capturing"  #: "capturing", then "succeeded" or "failed"
+    #: "capturing", then "succeeded", "failed" (an illegal call: capture_end raised) or
+    #: "raised" (the step raised a plain Python error: the capture itself ended normally)
+    status: str = "capturing"
     error: str | None = None  #: repr of the exception that failed it
     ops: list[str] = field(default_factory=list)  #: names of the recorded ops, in order
     restored: int = 0  #: how many pre-capture storages were written and restored
@@ -646,21 +648,28 @@ class EmulatedCUDAGraph:
             self._capture = None
             cap.finish()
             cap.mode = None  # no reference cycle: the pool must die with the graph, not at gc
-        failure = error or cap.invalid
-        if failure is not None:
-            cap.info.status, cap.info.error = "failed", repr(failure)
+        if cap.invalid is not None:  # an illegal call: cudaStreamEndCapture fails
+            cap.info.status, cap.info.error = "failed", repr(cap.invalid)
             self._state = "failed"
             self._ops, self._pool_tensors = [], {}
             cap.ops, cap.created, invalid, cap.invalid = [], {}, cap.invalid, None
             emu.events.append(("capture_end", self.record.index, "failed"))
             emu._capture_failed()  # generators stay in capture mode, the pool allocating
-            if error is None:  # the Python code caught the error: CUDA still fails the capture
-                raise RuntimeError(
-                    "CUDA error: operation failed due to a previous error during capture "
-                    f"({invalid}) [cuda_graph_emulation]"
-                ) from invalid
-            return
-        cap.info.status = "succeeded"
+            # As torch's capture_end: raised before any bookkeeping.  Raised in the graph
+            # context's __exit__, it has the step's own error as its __context__; where Python
+            # caught the illegal call, CUDA fails the capture all the same.
+            message = (
+                "CUDA error: operation failed due to a previous error during capture "
+                "[cuda_graph_emulation]"
+            )
+            if error is None:
+                raise RuntimeError(f"{message} ({invalid})") from invalid
+            raise RuntimeError(message)
+        # No illegal call (a plain Python error, or none): CUDA ends the capture normally and
+        # torch keeps a graph of the ops recorded before any error.
+        cap.info.status = "succeeded" if error is None else "raised"
+        if error is not None:
+            cap.info.error = repr(error)
         emu._exit_generator_capture(self._generators)
         emu.pools_allocating.discard(cap.info.pool)
         self._state = "captured"
@@ -937,6 +946,15 @@ class Emulator:
     def stream(self, stream: EmulatedStream | None) -> _StreamContext:
         return _StreamContext(self, stream)
 
+    def clear_cublas_workspaces(self) -> None:
+        """``torch._C._cuda_clearCublasWorkspaces`` (absent from CPU builds; the emulation has
+        no cuBLAS, so the call is only recorded in ``events``)."""
+        self.events.append(("clear_cublas_workspaces",))
+
+    def set_stream(self, stream: EmulatedStream) -> None:
+        """``torch.cuda.set_stream``: make ``stream`` current on its device (this thread)."""
+        self._streams()[stream.device] = stream
+
     def device(self, device) -> _DeviceContext:
         return _DeviceContext(self, device)
 
@@ -981,10 +999,9 @@ class EmulatedGraphContext:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        try:
-            self.cuda_graph.capture_end(exc)
-        finally:
-            self.stream_ctx.__exit__(exc_type, exc, tb)
+        # As torch.cuda.graph: when capture_end raises, the capture stream stays current.
+        self.cuda_graph.capture_end(exc)
+        self.stream_ctx.__exit__(exc_type, exc, tb)
         return False
 
 
@@ -1018,6 +1035,7 @@ def install(monkeypatch, *, default_device="cpu", poison_pool: bool = True) -> E
     monkeypatch.setattr(torch.cuda, "graph", emu.graph)
     monkeypatch.setattr(torch.cuda, "Stream", emu.Stream)
     monkeypatch.setattr(torch.cuda, "current_stream", emu.current_stream)
+    monkeypatch.setattr(torch.cuda, "set_stream", emu.set_stream)
     monkeypatch.setattr(torch.cuda, "stream", emu.stream)
     monkeypatch.setattr(torch.cuda, "device", emu.device)
     monkeypatch.setattr(torch.cuda, "synchronize", emu.synchronize)
@@ -1025,6 +1043,9 @@ def install(monkeypatch, *, default_device="cpu", poison_pool: bool = True) -> E
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", emu.is_current_stream_capturing)
     monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", emu.end_allocate_to_pool)
     monkeypatch.setattr(torch._C, "_cuda_releasePool", emu.release_pool)
+    monkeypatch.setattr(
+        torch._C, "_cuda_clearCublasWorkspaces", emu.clear_cublas_workspaces, raising=False
+    )
     monkeypatch.setattr(torch.cuda, "current_device", lambda: emu.current_device().index or 0)
     monkeypatch.setattr(torch.Tensor, "tolist", _patched_tolist(emu, torch.Tensor.tolist))
     monkeypatch.setattr(torch._tensor_str, "_str", _patched_str(emu, torch._tensor_str._str))

@@ -1,12 +1,24 @@
 """Small helpers shared by the tests (imported as ``from helpers import ...``)."""
 
+import os
+
 import numpy
+import pytest
 import torch
 import torch.nn.functional as F
 
 #: Where the kernel tests run: compiled kernels on CUDA tensors when a GPU is present, else the
 #: Triton interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET then).
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def require_interpreter() -> None:
+    """Skip a test that runs the Triton kernels on CPU tensors (or the CPU emulation of CUDA
+    graphs) where the interpreter is off: in a CUDA run tests/conftest.py leaves
+    TRITON_INTERPRET unset, and fastdiff.ops refuses Triton on CPU tensors without it."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU tensors needs the interpreter (TRITON_INTERPRET=1): off here")
+
 
 #: Relative/absolute tolerance of a Triton result against the torch reference, per dtype.
 #: fp32: both compute the same fp32 formula (FMA contraction may differ: ~1 ulp).  bf16/fp16:

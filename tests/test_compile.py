@@ -10,7 +10,7 @@ compile=True training run on CPU.
 
 import pytest
 import torch
-from helpers import TOLERANCE
+from helpers import TOLERANCE, require_interpreter
 from test_training import TINY, tiny_data
 
 import fastdiff
@@ -93,7 +93,7 @@ LAYOUT_OPCHECKS = ALL_OPCHECKS[:3]
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
-def test_custom_ops_pass_opcheck(triton_backend, layout):
+def test_custom_ops_pass_opcheck(cpu_triton, layout):
     # AOT dispatch (a dynamic-shape trace, then a run under the interpreter) does not depend
     # on the layout and costs most of the time: it runs once, on contiguous inputs; the
     # strides the fake kernels give each layout are checked by test_faketensor.
@@ -124,6 +124,7 @@ def test_unet_training_step_traces_without_graph_breaks(monkeypatch, backend):
     """q_sample -> U-Net -> noise_loss with in-kernel noise from a seed tensor: one graph."""
     if backend == "triton":
         pytest.importorskip("triton")
+        require_interpreter()  # CPU tensors
     monkeypatch.setenv(ops.BACKEND_ENV, backend)
     x, t, seed = torch.randn(4, 1, 8, 8), torch.tensor([0, 3, 17, 49]), torch.tensor([5])
     explained = torch._dynamo.explain(_training_step())(x, t, seed)
@@ -141,7 +142,7 @@ def _loss_and_sample(x, w, t, seed):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_compiled_ops_match_the_reference(monkeypatch, triton_backend, layout):
+def test_compiled_ops_match_the_reference(monkeypatch, cpu_triton, layout):
     """torch.compile(fullgraph=True) over the custom ops (AOTAutograd: fake tensors and the
     registered backward) gives the reference's value and gradients."""
     x = _images(layout)
@@ -243,7 +244,7 @@ def test_public_ops_with_defaults_compile_fullgraph(reference_backend):
     _check_public_ops_compile("contiguous")
 
 
-def test_public_ops_with_defaults_compile_fullgraph_triton(triton_backend):
+def test_public_ops_with_defaults_compile_fullgraph_triton(cpu_triton):
     """The same through the Triton kernels (interpreter on CPU); channels_last, so that
     group_norm_silu takes its fused kernel too."""
     _check_public_ops_compile("channels_last")

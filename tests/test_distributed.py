@@ -3,6 +3,7 @@
 import json
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -119,3 +120,39 @@ def test_exit_after_a_process_group_flushes_and_keeps_the_status():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert (proc.returncode, proc.stdout, proc.stderr) == (7, "kept", "err")
+
+
+def failing_setup_worker(rank, world, port, result_dir):
+    """Rank 0's FID monitor refuses a Dataset (fid_every needs images); every rank writes
+    what train() raised."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)
+    try:
+        fastdiff.train(torch.utils.data.TensorDataset(data()), steps=2, batch_size=4,
+                       preset="tiny", T=20, device="cpu", progress=False, fid_every=1,
+                       precision="fp32")  # fmt: skip
+        said = "trained"
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        said = f"{type(exc).__name__}: {exc}"
+    with open(os.path.join(result_dir, f"rank{rank}.txt"), "w") as f:
+        f.write(said)
+    distributed.exit_process(0)
+
+
+def test_a_set_up_failure_on_rank_0_alone_stops_every_rank(tmp_path):
+    """Without the agreement, rank 1 would wait in DDP's first broadcast for a rank 0 that
+    has already failed (until the NCCL timeout on GPUs)."""
+    context = mp.start_processes(failing_setup_worker, args=(2, free_port(), str(tmp_path)),
+                                 nprocs=2, join=False, start_method="spawn")  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail("a rank is still waiting after rank 0 failed")
+    rank0, rank1 = ((tmp_path / f"rank{r}.txt").read_text() for r in range(2))
+    assert rank0.startswith("DataError: fid_every"), rank0
+    assert rank1.startswith("FastDiffError: rank 0 failed while setting up the run (DataError"), (
+        rank1
+    )

@@ -6,7 +6,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import DEVICE, assert_within_ulp, fma_slack, interpreter_rounds_bf16, with_layout
+from helpers import (
+    DEVICE,
+    assert_within_ulp,
+    fma_slack,
+    interpreter_rounds_bf16,
+    require_interpreter,
+    with_layout,
+)
 from test_sampling import GaussianOptimalDenoiser, gaussian_diffusion
 from torch import nn
 
@@ -167,6 +174,7 @@ def test_trajectory_equals_diffusers(reference_backend, steps, clip_x0):
 def test_kernel_sampler_equals_reference_sampler(monkeypatch):
     """The whole 10-step chain through the Triton kernel (interpreter) equals the reference."""
     pytest.importorskip("triton")
+    require_interpreter()  # a CPU model and CPU tensors
     model = TinyDenoiser(S).eval()
     z0 = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(4))
     spec = SamplerSpec("dpm++2m", 10, clip_x0=False, variance="beta")

@@ -22,6 +22,45 @@ def test_gpu_check_smoke_run(tmp_path):
         assert any(ln.startswith(part) and "| pass" in ln for ln in lines), proc.stdout
     assert any("test_q_sample[" in ln and " ms" in ln for ln in lines), proc.stdout
     assert (tmp_path / "out" / "bench.json").is_file()
+    rows = (tmp_path / "out" / "bench.rows.jsonl").read_text().splitlines()
+    assert rows and all("test_q_sample[" in r for r in rows), rows
+
+
+def _gpu_check():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return gpu_check
+
+
+def test_a_part_without_time_for_its_start_is_not_started(tmp_path):
+    gpu_check = _gpu_check()
+    marker = tmp_path / "ran"
+    cmd = [sys.executable, "-c", f"open({str(marker)!r}, 'w')"]
+    short = gpu_check.run_part("p", cmd, tmp_path, gpu_check.MIN_PART_S - 1, tmp_path)
+    assert short["status"] == "SKIPPED (no time)" and not marker.exists()
+    ran = gpu_check.run_part("p", cmd, tmp_path, gpu_check.MIN_PART_S, tmp_path)
+    assert ran["status"] == "pass" and marker.exists()
+
+
+def test_bench_rows_read_what_a_killed_part_left(tmp_path):
+    """Rows are appended as each benchmark ends: a part killed mid-line keeps the lines
+    before; seconds per step show as ms/step."""
+    gpu_check = _gpu_check()
+    rows_file = tmp_path / "part.rows.jsonl"
+    rows_file.write_text(
+        '{"name": "a", "median": 0.002, "extra_info": {"gb_per_s": 900.5, "s_per_step": 0.0185}}\n'
+        '{"name": "b", "median": null, "extra_info": {}}\n'
+        '{"name": "c", "med'
+    )
+    rows = gpu_check.bench_rows(rows_file)
+    header = ["benchmark", "median", *[label for _, label in gpu_check.FIGURES]]
+    table = [dict(zip(header, r, strict=True)) for r in rows]
+    assert [r["benchmark"] for r in table] == ["a", "b"]
+    assert table[0]["median"] == "2.000 ms" and table[0]["GB/s"] == "900.5"
+    assert table[0]["ms/step"] == "18.5" and table[1]["median"] == "-"
 
 
 #: A pytest plugin for a collect-only child over benchmarks/: for each (file, -k expression) in

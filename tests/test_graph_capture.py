@@ -104,6 +104,25 @@ def test_restore_recaptures_and_resume_is_exact(emulated_cuda, tmp_path):
     assert max_diff(straight.ema_model, resumed.ema_model) == 0
 
 
+def test_a_resume_that_changes_the_batch_source_captures_the_checkpoints(
+    emulated_cuda, tmp_path, monkeypatch
+):
+    """A run saved with in-memory batches, resumed where its data would be streamed (less
+    free device memory): the captured step gathers from the checkpoint's kind again, and
+    4 + resume to 8 == 8 straight, bitwise."""
+    kw = dict(batch_size=2, log_every=2, checkpoint_every=4, lr=1e-3, **TINY, **GRID)
+    data = tiny_data(n=6)
+    straight = fastdiff.train(data, steps=8, out_dir=tmp_path / "a", **kw)
+    fastdiff.train(data, steps=4, out_dir=tmp_path / "b", **kw)
+    fits = training.make_batches
+    monkeypatch.setattr(training, "make_batches",
+                        lambda *a, **k: fits(*a, **{"max_device_bytes": 0, **k}))  # fmt: skip
+    resumed = fastdiff.train(data, steps=8, out_dir=tmp_path / "b", resume=True, **kw)
+    assert emulated_cuda.train_captures == 3
+    assert max_diff(straight.model, resumed.model) == 0
+    assert max_diff(straight.ema_model, resumed.ema_model) == 0
+
+
 def test_a_state_loaded_into_a_captured_run_is_bound_and_captured_afresh(emulated_cuda):
     """Loading an optimizer state into a run that has a graph replaces the tensors the graph
     updates: the step binds the new state, warms up and captures again (replaying the old
@@ -199,6 +218,57 @@ def _assert_capture_closed(emu):
     failed = [c.pool for c in emu.captures if c.status == "failed"]
     assert failed and not emu.generators_in_capture
     assert not emu.leaked_pools and set(failed) <= set(emu.pools_released)
+
+
+class CaptureRefusingModel(nn.Module):
+    """Raises a plain Python error while a capture is running (no illegal CUDA call), and
+    trains eagerly otherwise."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = training.model_for_data((1, 8, 8), "tiny")
+
+    def forward(self, z, t):
+        if torch.cuda.is_current_stream_capturing():
+            raise ValueError("this model refuses to be captured")
+        return self.inner(z, t)
+
+
+def test_a_python_error_during_capture_falls_back_without_undoing_a_capture_that_ended(
+    emulated_cuda, caplog
+):
+    """A plain Python error ends the capture normally (torch restores the stream and releases
+    the generators and the pool with the graph): the fallback then runs eagerly without
+    touching the allocator's pool or the generators' capture state, which are no longer its
+    to close (closing them would fail and log a false "stays reserved")."""
+    torch.manual_seed(0)
+    with caplog.at_level(logging.WARNING, logger="fastdiff"):
+        run = fastdiff.train(tiny_data(n=5), model=CaptureRefusingModel(), steps=5, batch_size=2,
+                             **TINY)  # fmt: skip
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "ValueError: this model refuses to be captured" in said[0], said
+    emu = emulated_cuda.emulator
+    assert [c.status for c in emu.captures] == ["raised"]
+    assert not emu.generators_in_capture and not emu.leaked_pools
+    assert not any(e[0] in ("end_allocate_to_pool", "release_pool") for e in emu.events)
+    assert emulated_cuda.replays == 0 and run.model is not None
+
+
+def test_every_capture_begins_and_ends_with_fresh_cublas_workspaces(emulated_cuda):
+    """cuBLAS keeps a workspace per stream; a graph embeds the one its capture stream has.
+    Cleared before each capture and after it, every graph allocates its own in its pool, and
+    no eager GEMM (nor a later graph) shares it (pytorch#193402: a graph's reset frees its
+    stream's workspaces, live graphs' included)."""
+    run = _graph_steps(make_run(tiny_data(n=4), graph=True, batch_size=2), train_graph.WARMUP_STEPS)
+    sampler = Sampler(run.model.eval(), run.schedule, precision=FP32, channels_last=False,
+                      sampler="ddim", steps=3)  # fmt: skip
+    with torch.inference_mode():
+        run_sampler(sampler, 1, (1, 8, 8), CPU, seed=0, batch_size=1, cuda_graph=True)
+    marks = [e[0] for e in emulated_cuda.emulator.events
+             if e[0] in ("capture_begin", "capture_end", "clear_cublas_workspaces")]  # fmt: skip
+    assert emulated_cuda.captures == 2
+    assert marks == ["clear_cublas_workspaces", "capture_begin", "capture_end",
+                     "clear_cublas_workspaces"] * 2, marks  # fmt: skip
 
 
 class HostReadingSamplerModel(nn.Module):

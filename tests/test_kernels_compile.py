@@ -162,3 +162,45 @@ def test_ddim_step_compiles_every_variant(report):
     }
     assert len(ddim) == len(variants) * 3 * 2  # every dtype, sm_80 and sm_90
     assert not [c for c in ddim if "error" in c]
+
+
+FRONTEND_SCRIPT = Path(__file__).with_name("frontend_compile.py")
+
+
+@pytest.fixture(scope="module")
+def frontend():
+    """tests/frontend_compile.py's report: each kernel lowered with its int arguments as a
+    launch specialises them, and one Philox call lowered in debug mode (a few seconds)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, str(FRONTEND_SCRIPT)], capture_output=True, text=True, env=env,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout)
+
+
+def test_kernels_compile_with_any_int_argument_equal_to_1(frontend):
+    """Triton's launcher makes an int argument equal to 1 a constexpr (GroupNorm's backward
+    with H = W = 1 and one channel per group once failed to compile: ``(HW * Cg).to``)."""
+    rows = frontend["specialised_to_1"]
+    assert {r["kernel"] for r in rows} >= NOISE_KERNELS | GROUP_NORM_KERNELS | NOISE_FREE
+    assert any(r["kernel"] == "group_norm_bwd" and {"HW", "Cg"} <= set(r["ones"]) for r in rows)
+    failed = [r for r in rows if "error" in r]
+    assert not failed, failed
+
+
+def test_philox_lowers_without_overflow_asserts_in_debug_mode(frontend):
+    """Philox wraps around mod 2^32; in debug mode (TRITON_DEBUG=1) every unsanitised 32-bit
+    add or mul becomes a device-side overflow assert that fires on every call."""
+    assert frontend["philox_debug"] == {"overflow_asserts": 0, "asserts": 0}
+
+
+def test_noise_loss_subtracts_the_rounded_eps(report):
+    """noise_loss compiles without FP fusion (kernels.noise_loss.COMPILE_OPTIONS): fused,
+    pred - R cos(theta) becomes an fma on the unrounded product, so the loss would see an eps
+    0.5 ulp off q_sample's from the same seed, and differ between tile layouts."""
+    cases = [c for c in kernels(report) if c["kernel"] in ("noise_loss_fwd", "noise_loss_bwd")]
+    assert cases and all("error" not in c for c in cases)
+    assert all(c["fma_f32"] == 0 for c in cases), [(c["tile"], c["fma_f32"]) for c in cases]
+    assert any(c["fma_f32"] > 0 for c in kernels(report) if c["kernel"] == "q_sample")

@@ -214,15 +214,18 @@ def test_per_sample_loss_backward(monkeypatch):
 
 
 def test_reverse_step_gradients(monkeypatch):
-    (z, pred, noise), t = inputs((3, 2, 4, 4), torch.float32, "contiguous", n=3)
+    """d/d z, d/d pred and d/d noise (sigma[t], none at t = 0) of both backends agree."""
+    (z, pred, noise), _ = inputs((3, 2, 4, 4), torch.float32, "contiguous", n=3)
+    t = torch.tensor([0, 7, 999], device=DEVICE)
 
     def grads():
-        zs, ps = z.clone().requires_grad_(), pred.clone().requires_grad_()
-        ops.reverse_step(zs, ps, t, SCHEDULE, noise).square().sum().backward()
-        return zs.grad, ps.grad
+        zs, ps, ns = (v.clone().requires_grad_() for v in (z, pred, noise))
+        ops.reverse_step(zs, ps, t, SCHEDULE, ns).square().sum().backward()
+        return zs.grad, ps.grad, ns.grad
 
     got, want = both_backends(monkeypatch, grads)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not want[2][0].any() and want[2][1:].abs().min() > 0
 
 
 def test_reverse_step_writes_into_out(monkeypatch, triton_backend):

@@ -11,6 +11,7 @@ from torch import nn
 
 import fastdiff
 from fastdiff import checkpoint as ckpt
+from fastdiff import training
 from fastdiff.errors import CheckpointError, DataError
 from fastdiff.training import NonFiniteLossError
 
@@ -58,6 +59,27 @@ def test_resume_is_exact(tmp_path):
     steps = [json.loads(line)["step"] for line in open(tmp_path / "b" / "metrics.jsonl")]
     assert steps == [3, 6, 9, 10]
     assert (tmp_path / "b" / "samples.png").is_file()
+
+
+def test_resume_keeps_the_batch_source_its_checkpoint_was_saved_by(tmp_path, monkeypatch):
+    """In-memory or streamed is chosen from the device's free memory when a run starts, which
+    a resume may not see again; the two draw different batches.  A run that streamed (its
+    data did not fit) resumes streaming where the data would now fit, and exactly."""
+    data = tiny_data()
+    kw = dict(batch_size=8, log_every=3, checkpoint_every=4, lr=1e-3, n_samples=2, **TINY)
+    fits = training.make_batches
+
+    def does_not_fit(*args, **kwargs):
+        return fits(*args, **{"max_device_bytes": 0, **kwargs})
+
+    monkeypatch.setattr(training, "make_batches", does_not_fit)
+    straight = fastdiff.train(data, steps=10, out_dir=tmp_path / "a", **kw)
+    fastdiff.train(data, steps=6, out_dir=tmp_path / "b", **kw)
+    monkeypatch.setattr(training, "make_batches", fits)
+    resumed = fastdiff.train(data, steps=10, out_dir=tmp_path / "b", resume=True, **kw)
+    for module in ("model", "ema_model"):
+        want, got = params(getattr(straight, module)), params(getattr(resumed, module))
+        assert all(torch.equal(want[k], got[k]) for k in want), module
 
 
 def test_resume_refuses_another_config(tmp_path):
