@@ -32,6 +32,7 @@ network file's SHA-256 and n, so a second evaluation only samples and extracts i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -147,11 +148,17 @@ def extract_features(images, network=None, *, batch_size: int = 100, device=None
     require_int("batch_size", batch_size)
     x = network_input(images)
     net = _network(network, device)
-    dev = next(iter(net.module.parameters()), torch.empty(0)).device if device is None else device
+    own = next(iter(net.module.parameters()), torch.empty(0)).device
+    dev = own if device is None else torch.device(device)
+    if own.type != dev.type:
+        raise ValueError(
+            f"device: {dev} but the network's weights are on {own}: load it there"
+            f" (load_network(device={str(dev)!r})) or pass device=None"
+        )
     out = []
     bar = progress_bar(x.shape[0], desc="features", unit="img", enabled=progress)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), full_fp32():
             for start in range(0, x.shape[0], batch_size):
                 batch = x[start : start + batch_size].to(dev)
                 f = _run_network(net.module, batch)
@@ -165,6 +172,31 @@ def extract_features(images, network=None, *, batch_size: int = 100, device=None
     finally:
         bar.close()
     return np.concatenate(out)
+
+
+@contextlib.contextmanager
+def full_fp32():
+    """fp32 convolutions and matmuls as IEEE fp32, not TF32, for the duration (restored after):
+    torch lets cuDNN convolutions use TF32 by default, a 10-bit mantissa that shifts the
+    Inception features by ~1e-3 and FID with them on Ampere and later GPUs (StyleGAN2-ADA's
+    metrics turn it off too).  torch's newer per-backend ``fp32_precision`` settings where
+    present (setting the legacy flags beside them makes torch refuse to read either)."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    matmul = torch.backends.cuda.matmul
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        saved = conv.fp32_precision, matmul.fp32_precision
+        conv.fp32_precision = matmul.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            conv.fp32_precision, matmul.fp32_precision = saved
+        return
+    saved = torch.backends.cudnn.allow_tf32, matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, matmul.allow_tf32 = saved
 
 
 def _run_network(module, batch: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from helpers import own_features, save_fake_inception, scipy_fid
 
 from fastdiff import inception, metrics
 from fastdiff.cli import main
-from fastdiff.inception import WeightsUnavailable
+from fastdiff.inception import FeatureNetwork, WeightsUnavailable
 
 
 @pytest.fixture(scope="module")
@@ -202,3 +202,48 @@ def test_bad_input_names_the_argument(env):
         metrics.fid(np.zeros((4, 2)), np.zeros((4,)))
     with pytest.raises(TypeError, match="network"):
         metrics.extract_features(torch.zeros(2, 1, 8, 8), network=3)
+
+
+class _PrecisionSpy(torch.nn.Module):
+    """A feature network that records the fp32 precision torch gives convolutions and
+    matmuls while it runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.seen = []
+
+    def forward(self, x, return_features: bool = False):
+        conv = getattr(torch.backends.cudnn, "conv", None)
+        if conv is not None and hasattr(conv, "fp32_precision"):
+            self.seen.append((conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision))
+        else:
+            self.seen.append(
+                (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+            )
+        return torch.zeros(x.shape[0], 4)
+
+
+def _tf32_settings():
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        return conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+
+
+def test_features_are_extracted_in_ieee_fp32_not_tf32(tmp_path):
+    """cuDNN convolutions may use TF32 by default (a 10-bit mantissa on Ampere and later),
+    which shifts the features and FID; extraction runs in IEEE fp32 and restores the
+    settings after."""
+    spy = _PrecisionSpy()
+    before = _tf32_settings()
+    metrics.extract_features(torch.zeros(5, 1, 8, 8), FeatureNetwork(spy, "x", tmp_path),
+                             batch_size=2)  # fmt: skip
+    assert spy.seen in ([("ieee", "ieee")] * 3, [(False, False)] * 3), spy.seen
+    assert _tf32_settings() == before
+
+
+def test_a_network_on_another_device_than_asked_is_refused(tmp_path):
+    net = FeatureNetwork(_PrecisionSpy(), "x", tmp_path)
+    with pytest.raises(ValueError, match="device: meta but the network's weights are on cpu"):
+        metrics.extract_features(torch.zeros(2, 1, 8, 8), net, device="meta")
