@@ -66,8 +66,8 @@ def _add_train(sub) -> None:
     p.add_argument(
         "--preset",
         default=None,
-        help="UNet preset: digits, digits_conditional, cifar10, tiny [chosen from the data and"
-        " --conditional]",
+        help="UNet preset: digits, digits_conditional, digits_wide, cifar10, tiny [chosen from"
+        " the data and --conditional]",
     )
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="[auto]")
     p.add_argument(

@@ -24,6 +24,7 @@ from fastdiff.errors import CheckpointError
 from fastdiff.labels import drop_labels
 from fastdiff.precision import resolve_precision
 from fastdiff.samplers import Guidance, SamplerRunner, SamplerSpec
+from fastdiff.unet import PRESETS, count_parameters
 
 K = 3
 TINY = dict(preset="tiny", T=20, device="cpu", progress=False, warmup_steps=2,
@@ -109,19 +110,28 @@ def test_resume_checks_class_dropout_only_for_conditional_runs(tmp_path):
         fastdiff.train(x, steps=4, out_dir=tmp_path / "c", resume=True, class_dropout=0.5, **kw)
 
 
-def test_resume_names_the_preset_of_a_run_started_with_another_model(tmp_path):
-    """A conditional 16x16 run started with the 1.1M ``digits`` preset (the default before
-    ``digits_conditional``) resumed without a preset: the error names what differs and the
-    preset that rebuilds it, before any weights load; with that preset it resumes."""
+@pytest.mark.parametrize(
+    "preset,differs",
+    [
+        ("digits", r"scale_shift_norm=False \(this run: True\)"),
+        ("digits_wide", r"channel_mult=\[1, 2, 4\] \(this run: \[1, 2, 2\]\)"),
+    ],
+)
+def test_resume_names_the_preset_of_a_run_started_with_another_model(tmp_path, preset, differs):
+    """A conditional 16x16 run started with an earlier default (the 1.1M ``digits`` preset,
+    then the wider ``digits_wide``) resumed without a preset: the error names what differs
+    and the preset that rebuilds it, before any weights load; with that preset it resumes."""
     x, y = tiny_data(n=4, size=16), torch.arange(4) % K
     kw = dict(batch_size=2, conditional=True, labels=y, **GRID,
               **{k: v for k, v in TINY.items() if k != "preset"})  # fmt: skip
-    fastdiff.train(x, steps=1, preset="digits", out_dir=tmp_path, **kw)
-    with pytest.raises(CheckpointError, match=r"channel_mult=\[1, 2, 2\] \(this run: \[1, 2, 4\]\)"
-                       r".*preset='digits' \(--preset digits\)"):  # fmt: skip
+    fastdiff.train(x, steps=1, preset=preset, out_dir=tmp_path, **kw)
+    with pytest.raises(
+        CheckpointError, match=differs + rf".*preset='{preset}' \(--preset {preset}\)"
+    ):
         fastdiff.train(x, steps=2, resume=True, out_dir=tmp_path, **kw)
-    d = fastdiff.train(x, steps=2, resume=True, preset="digits", out_dir=tmp_path, **kw)
-    assert d.model.config["channel_mult"] == [1, 2, 2]
+    d = fastdiff.train(x, steps=2, resume=True, preset=preset, out_dir=tmp_path, **kw)
+    assert d.model.config["channel_mult"] == list(PRESETS[preset]["channel_mult"])
+    assert d.model.config["scale_shift_norm"] is False
 
 
 def test_captured_conditional_step_equals_the_eager_one(emulated_cuda, monkeypatch):
@@ -284,19 +294,22 @@ def test_conditional_elbo_uses_the_labels():
     assert abs(bits_per_dim(d, x, batch_size=4)["bits_per_dim"] - got["bits_per_dim"]) > 1e-3
 
 
-def test_conditional_digits_get_the_wider_preset():
-    """1x16x16 data: a conditional run gets ``digits_conditional`` (its 4x4 level twice as
-    wide; the null class needs the capacity, docs/PERFORMANCE.md), an unconditional one
-    ``digits``; a preset the user names wins either way."""
+def test_conditional_digits_get_the_scale_shift_preset():
+    """1x16x16 data: a conditional run gets ``digits_conditional`` (the ``digits`` shape with
+    scale-shift conditioning: its null class scores closest to the unconditional runs,
+    docs/PERFORMANCE.md), an unconditional one ``digits``; a preset the user names wins
+    either way."""
     from fastdiff.training import model_for_data
 
     with torch.device("meta"):
         conditional = model_for_data((1, 16, 16), num_classes=10)
         unconditional = model_for_data((1, 16, 16))
         named = model_for_data((1, 16, 16), "digits", num_classes=10)
-    assert conditional.config["channel_mult"] == [1, 2, 4]
+    assert conditional.config["channel_mult"] == [1, 2, 2]
+    assert conditional.config["scale_shift_norm"] is True
     assert conditional.num_classes == 10
-    assert unconditional.config["channel_mult"] == [1, 2, 2]
+    assert count_parameters(conditional) == 1_192_641
+    assert unconditional.config["scale_shift_norm"] is False
     assert unconditional.num_classes is None
-    assert named.config["channel_mult"] == [1, 2, 2]
+    assert named.config["scale_shift_norm"] is False
     assert named.num_classes == 10
