@@ -288,7 +288,7 @@ def main(argv=None) -> int:
             parts = [("bench", "", bench_k, 240)]
         else:
             parts = BENCH_PARTS + (FULL_PARTS if args.full else [])
-        reports = []
+        rows_files = []
         for name, path, k, share in parts:
             report, rows_file = out / f"{name}.json", out / f"{name}.rows.jsonl"
             for stale in (report, rows_file):  # an earlier run's results are no result
@@ -303,7 +303,7 @@ def main(argv=None) -> int:
             results.append(
                 run_part(name, bench_cmd, out, left(share), cwd, {ROWS_ENV: str(rows_file)})
             )
-            reports.append(rows_file)
+            rows_files.append(rows_file)
 
     notes = {
         "env": ", ".join(f"{k}={v}" for k, v in env.items()),
@@ -316,7 +316,7 @@ def main(argv=None) -> int:
     ]  # fmt: skip
     print()
     print(format_table(["part", "status", "time", "result"], summary))
-    rows = [row for report in reports if report.exists() for row in bench_rows(report)]
+    rows = [row for f in rows_files if f.exists() for row in bench_rows(f)]
     if rows:
         print()
         header = ["benchmark", "median", *[label for _, label in FIGURES]]

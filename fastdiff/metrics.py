@@ -148,9 +148,10 @@ def extract_features(images, network=None, *, batch_size: int = 100, device=None
     require_int("batch_size", batch_size)
     x = network_input(images)
     net = _network(network, device)
-    own = next(iter(net.module.parameters()), torch.empty(0)).device
+    weight = next(iter(net.module.parameters()), None)
+    own = torch.device("cpu") if weight is None else weight.device
     dev = own if device is None else torch.device(device)
-    if own.type != dev.type:
+    if weight is not None and own.type != dev.type:
         raise ValueError(
             f"device: {dev} but the network's weights are on {own}: load it there"
             f" (load_network(device={str(dev)!r})) or pass device=None"

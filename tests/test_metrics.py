@@ -204,9 +204,16 @@ def test_bad_input_names_the_argument(env):
         metrics.extract_features(torch.zeros(2, 1, 8, 8), network=3)
 
 
+def _tf32_settings():
+    """What torch says now about TF32 for convolutions and matmuls (either API)."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        return conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+
+
 class _PrecisionSpy(torch.nn.Module):
-    """A feature network that records the fp32 precision torch gives convolutions and
-    matmuls while it runs."""
+    """A feature network that records the TF32 settings while it runs."""
 
     def __init__(self):
         super().__init__()
@@ -214,21 +221,8 @@ class _PrecisionSpy(torch.nn.Module):
         self.seen = []
 
     def forward(self, x, return_features: bool = False):
-        conv = getattr(torch.backends.cudnn, "conv", None)
-        if conv is not None and hasattr(conv, "fp32_precision"):
-            self.seen.append((conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision))
-        else:
-            self.seen.append(
-                (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-            )
+        self.seen.append(_tf32_settings())
         return torch.zeros(x.shape[0], 4)
-
-
-def _tf32_settings():
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if conv is not None and hasattr(conv, "fp32_precision"):
-        return conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
-    return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
 
 
 def test_features_are_extracted_in_ieee_fp32_not_tf32(tmp_path):
