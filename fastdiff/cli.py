@@ -306,6 +306,13 @@ def _add_eval(sub) -> None:
     )
     fid.add_argument("--steps", type=int, default=None, help="sampler steps")
     fid.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="the model's autocast while sampling; the result names it [auto: bf16 on a recent"
+        " GPU]",
+    )
+    fid.add_argument(
         "--inception",
         default=None,
         metavar="PATH",
@@ -343,6 +350,7 @@ def _run_fid(args) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         use_ema=not args.no_ema,
+        precision=args.precision,
         progress=not args.no_progress,
     )
     if args.json:
@@ -350,7 +358,8 @@ def _run_fid(args) -> int:
         return 0
     steps = f" {result['steps']} steps" if result["steps"] else ""
     print(
-        f"FID {result['fid']:.4f} ({result['n']} samples, {result['sampler']}{steps};"
+        f"FID {result['fid']:.4f} ({result['n']} samples, {result['sampler']}{steps},"
+        f" {result['precision']};"
         f" {result['ref_n']} reference images)"
     )
     if args.kid:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from .samplers import (
     check_guidance_args,
     check_latents,
     check_run_args,
-    run_sampler,
+    iter_sampler,
 )
 from .schedule import NoiseSchedule
 from .unet import UNet
@@ -277,6 +278,37 @@ def sample(
     Returns:
         float32 tensor (n, C, H, W) on the model's device, clamped to [-1, 1].
     """
+    return torch.cat(list(iter_samples(**dict(locals()))))
+
+
+def iter_samples(
+    diffusion_or_path,
+    n: int,
+    *,
+    steps: int | None = None,
+    sampler: str | SamplerSpec = "ddpm",
+    seed: int | None = None,
+    batch_size: int | None = None,
+    use_ema: bool = True,
+    variance: str | None = None,
+    eta: float | None = None,
+    clip_x0: bool | None = None,
+    clip_rule: str | None = None,
+    cuda_graph: bool = True,
+    precision: str | None = None,
+    channels_last=None,
+    device=None,
+    progress: bool = False,
+    strict: bool | None = None,
+    latents: torch.Tensor | None = None,
+    labels=None,
+    guidance_scale: float | None = None,
+) -> Iterator[torch.Tensor]:
+    """:func:`sample`'s images batch by batch, each drawn only when asked for: the same
+    arguments give the same images, as (b, C, H, W) float32 batches of ``batch_size`` (the
+    last one smaller) on the model's device.  For a caller that reduces each batch (FID
+    features), so n images are never held at once.  The arguments are checked when the first
+    batch is asked for, before any sampling."""
     diffusion = (
         diffusion_or_path
         if isinstance(diffusion_or_path, Diffusion)
@@ -307,7 +339,7 @@ def sample(
         runner = SamplerRunner(
             net, diffusion.schedule, spec, precision=prec, channels_last=cl, guidance=guidance
         )
-        return run_sampler(
+        yield from iter_sampler(
             runner,
             n,
             diffusion.image_shape,

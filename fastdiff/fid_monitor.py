@@ -1,7 +1,8 @@
 """FID (and KID) during training: ``train(..., fid_every=N, fid_samples=M)``.
 
-At every N-th step the run's EMA model draws M images with fastdiff.metrics.generate (the
-default FID sampler, its steps capped at T) and they are compared with the statistics of the
+At every N-th step the run's EMA model draws M images with fastdiff.metrics.sample_features
+(the default FID sampler, its steps capped at T; only one sampling batch of images is held at
+a time) and their features are compared with the statistics of the
 first M training images (cached by fastdiff.metrics.reference_stats).  Each measurement is one
 metrics.jsonl record ``{"step", "fid", "kid", "kid_std", "fid_samples", "best_fid",
 "best_fid_step"}``; the best (lowest) FID and its step are also kept in the run's config as
@@ -37,12 +38,13 @@ class FIDMonitor:
 
     def measure(self, diffusion, step: int, *, seed: int, **sample_kwargs) -> dict:
         """FID/KID of ``n`` EMA samples of ``diffusion`` at ``step``; updates ``best``."""
-        images = metrics.generate(diffusion, self.n, metrics.default_sampler(diffusion.schedule.T),
-                                  seed=seed, use_ema=True, **sample_kwargs)  # fmt: skip
-        stats = metrics.FeatureStats.of(metrics.extract_features(images, self.network))
+        sampler = metrics.default_sampler(diffusion.schedule.T)
+        features = metrics.sample_features(diffusion, self.n, self.network, sampler, seed=seed,
+                                           use_ema=True, **sample_kwargs)  # fmt: skip
+        stats = metrics.FeatureStats.of(features)
         ref = self.reference
         fid = metrics.frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma)
-        kid = metrics.kid(stats, ref)
+        kid = metrics.kid(stats, ref, device=diffusion.device)
         self.last = fid
         if self.best is None or fid < self.best["fid"]:
             self.best = {"fid": fid, "step": step}

@@ -20,7 +20,8 @@ the same step with every per-step value computed on the device); ``cuda_graph=Fa
 multi-process runs and other devices run the eager step below.
 
 Preemption (fastdiff.preemption): SIGTERM or SIGINT during the loop finishes the current step,
-checkpoints it and raises TrainingInterrupted; ranks of a multi-process run agree on when to
+checkpoints it (skipping that step's sample grid and FID, which could outlast a scheduler's
+grace before SIGKILL) and raises TrainingInterrupted; ranks of a multi-process run agree on when to
 stop (and on wall-clock checkpoints) with one host-side all-reduce of a few ints per step.
 A write that fails (no space, permission denied, read-only file system) raises OutputError
 naming the path and the cause; the last good checkpoint stays the one latest.json points to.
@@ -606,11 +607,6 @@ class _Run:
                     logged = self.step % cfg.log_every == 0 or done
                     if logged:
                         window = self._log(window, bar, metrics, on_log)
-                    if writes and cfg.sample_every and self.step % cfg.sample_every == 0:
-                        path = out / "samples" / f"step_{self.step:08d}.png"
-                        self._write(self._save_grid, path, what="sample grid")
-                    if self.fid is not None and self.step % cfg.fid_every == 0:
-                        self._measure_fid(bar, metrics, on_log)
                     time_due = (
                         self.dist.is_main
                         and bool(cfg.checkpoint_minutes)
@@ -621,6 +617,14 @@ class _Run:
                     )
                     if failed:
                         self._agree_on_failure(failed)
+                    # A stopping run saves at once: a scheduler's grace before SIGKILL (30 s
+                    # for torchrun and Slurm) may be shorter than a grid or an FID.
+                    grid_due = writes and cfg.sample_every and self.step % cfg.sample_every == 0
+                    if grid_due and not signum:
+                        path = out / "samples" / f"step_{self.step:08d}.png"
+                        self._write(self._save_grid, path, what="sample grid")
+                    if self.fid is not None and self.step % cfg.fid_every == 0 and not signum:
+                        self._measure_fid(bar, metrics, on_log)
                     if signum and not logged:  # the metrics log ends at the saved step
                         window = self._log(window, bar, metrics, on_log)
                     periodic = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0

@@ -13,6 +13,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import FAKE_INCEPTION_DIM as DIM
 from helpers import own_features, save_fake_inception, scipy_fid
 
 import fastdiff
@@ -91,3 +92,37 @@ def test_fid_settings_are_checked_before_training(monkeypatch, tmp_path):
     with pytest.raises(WeightsUnavailable, match="FASTDIFF_INCEPTION"):
         fastdiff.train(x, steps=1, fid_every=1, out_dir=tmp_path / "run", **TINY)
     assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_eval_fid_reduces_each_sampling_batch_to_features_before_drawing_the_next(
+    env, monkeypatch, reference_backend
+):
+    """n = 300 > the sampling batch (256): the FID is that of fastdiff.sample's 300 images,
+    and the network sees each batch's images before the next batch's first model call (so
+    only one batch is ever held).  The precision is passed on and named in the result."""
+    from fastdiff import Diffusion, NoiseSchedule, UNet
+
+    d = Diffusion(UNet.preset("tiny"), NoiseSchedule.linear(4), (1, 8, 8))
+    with torch.no_grad():  # the output conv starts at zero: eps = 0 whatever the precision
+        for p in d.model.parameters():
+            p.add_(torch.randn_like(p), alpha=0.1)
+    ref = np.random.default_rng(0).standard_normal((50, DIM))
+    n, sampler = 300, ("ddim", 2)
+    events = []
+    d.model.register_forward_hook(lambda *_: events.append("model"))
+    extract = metrics.extract_features
+
+    def spy(images, *args, **kwargs):
+        events.append(("features", images.shape[0]))
+        return extract(images, *args, **kwargs)
+
+    monkeypatch.setattr(metrics, "extract_features", spy)
+    result = metrics.evaluate(d, ref=metrics.FeatureStats.of(ref), n=n, sampler=sampler,
+                              precision="fp32", use_ema=False)  # fmt: skip
+    assert events == ["model"] * 2 + [("features", 256)] + ["model"] * 2 + [("features", 44)]
+    x = fastdiff.sample(d, n, sampler="ddim", steps=2, seed=0, precision="fp32")
+    assert result["fid"] == pytest.approx(scipy_fid(own_features(env, x), ref), rel=1e-9)
+    assert result["precision"] == "fp32"
+    bf16 = metrics.evaluate(d, ref=metrics.FeatureStats.of(ref), n=n, sampler=sampler,
+                            precision="bf16")  # fmt: skip
+    assert bf16["precision"] == "bf16" and bf16["fid"] != result["fid"]

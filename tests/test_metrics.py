@@ -14,8 +14,8 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from helpers import DEVICE, own_features, save_fake_inception, scipy_fid
 from helpers import FAKE_INCEPTION_DIM as DIM
-from helpers import own_features, save_fake_inception, scipy_fid
 
 from fastdiff import inception, metrics
 from fastdiff.cli import main
@@ -103,8 +103,9 @@ def test_kid_is_the_unbiased_mmd_over_index_pairs():
         sum(k(x[i], x[j]) + k(y[i], y[j]) for i, j in pairs) / (m * (m - 1))
         - 2 * sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / m**2
     )
-    # One subset of all 12 rows of each: a permutation, which MMD^2 does not see.
-    mean, std = metrics.kid(x, y, num_subsets=1, max_subset_size=100)
+    # One subset of all 12 rows of each: a permutation, which MMD^2 does not see.  The sums
+    # run on DEVICE (the GPU in a CUDA run), in float64 there too.
+    mean, std = metrics.kid(x, y, num_subsets=1, max_subset_size=100, device=DEVICE)
     assert mean == pytest.approx(expected, rel=1e-12) and std == 0.0
 
 
@@ -163,7 +164,7 @@ def test_missing_weights_say_where_to_put_them(no_weights, monkeypatch, capsys):
     def no_sampling(*a, **k):
         raise AssertionError("sampled before the weights were checked")
 
-    monkeypatch.setattr(metrics, "generate", no_sampling)
+    monkeypatch.setattr(metrics, "sample_features", no_sampling)
     assert main(["eval", "runs/none", "--fid", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fastdiff: error: inception:")

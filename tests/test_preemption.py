@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_npz
+from helpers import save_fake_inception, write_npz
 from safetensors.torch import load_file
 
 import fastdiff
@@ -141,6 +141,34 @@ def test_stop_between_log_steps_logs_the_saved_step(tmp_path):
             fastdiff.train(data(), steps=1000, out_dir=tmp_path, **TINY)
     assert info.value.step == 3 and latest(tmp_path)["step"] == 3
     assert logged_steps(tmp_path) == [2, 3]
+
+
+def test_a_stop_skips_its_steps_grid_and_fid_and_saves_at_once(tmp_path, monkeypatch):
+    """A signal during step 3 of a run with a grid and an FID every step: steps 1 and 2 have
+    both, step 3 is saved without them (they could outlast the grace before SIGKILL)."""
+    from fastdiff import inception
+
+    monkeypatch.setenv("FASTDIFF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(inception.ENV_PATH, str(save_fake_inception(tmp_path / "net.pt")))
+    real_step = training._Run.train_step
+
+    def step_and_signal(self):
+        real_step(self)
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(training._Run, "train_step", step_and_signal)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted) as info:
+        fastdiff.train(data(), steps=1000, out_dir=out, sample_every=1, fid_every=1,
+                       fid_samples=2, **{**TINY, "T": 2})  # fmt: skip
+    assert info.value.step == 3 and latest(out)["step"] == 3
+    assert sorted(p.name for p in (out / "samples").iterdir()) == [
+        "step_00000001.png",
+        "step_00000002.png",
+    ]
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in records if "fid" in r] == [1, 2]
 
 
 def test_second_signal_while_saving_waits_for_the_save(tmp_path, monkeypatch, capfd):

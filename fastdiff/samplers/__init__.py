@@ -10,6 +10,7 @@ from .runner import (
     check_latents,
     check_run_args,
     initial_noise,
+    iter_sampler,
     run_sampler,
     sampling_timesteps,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "check_latents",
     "check_run_args",
     "initial_noise",
+    "iter_sampler",
     "run_sampler",
     "sampling_timesteps",
 ]

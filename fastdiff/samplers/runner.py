@@ -34,6 +34,7 @@ gives the same images on the same device and backend.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -258,7 +259,14 @@ def initial_noise(shape, device, seed: int, batch_index: int, channels_last: boo
     return z.contiguous(memory_format=memory_format(channels_last))
 
 
-def run_sampler(
+def run_sampler(sampler: SamplerRunner, n: int, image_shape: tuple[int, int, int],
+                device: torch.device, **options) -> torch.Tensor:  # fmt: skip
+    """n images (n, C, H, W) in [-1, 1], float32 on ``device``: :func:`iter_sampler`'s
+    batches (same arguments) concatenated."""
+    return torch.cat(list(iter_sampler(sampler, n, image_shape, device, **options)))
+
+
+def iter_sampler(
     sampler: SamplerRunner,
     n: int,
     image_shape: tuple[int, int, int],
@@ -271,9 +279,11 @@ def run_sampler(
     strict: bool = False,
     latents: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """n images (n, C, H, W) in [-1, 1], float32 on ``device``, batch by batch; ``labels``
-    (n,): the class of each image (a conditional model; None: the null class).
+) -> Iterator[torch.Tensor]:
+    """The n images batch by batch: batch b is (min(batch_size, n - b batch_size), C, H, W)
+    float32 in [-1, 1] on ``device``, drawn only when asked for (so a caller that reduces each
+    batch, e.g. to FID features, never holds n images).  ``labels`` (n,): the class of each
+    image (a conditional model; None: the null class).
 
     Each batch starts from ``initial_noise`` or, given ``latents`` (n, C, H, W) (checked by
     ``check_latents``), from its slice of them.  With ``cuda_graph`` on CUDA the step is
@@ -288,25 +298,27 @@ def run_sampler(
     batches = math.ceil(n / batch_size)
     bar = progress_bar(batches * sampler.num_steps, desc="sampling", unit="step", enabled=progress)
     fmt = memory_format(sampler.channels_last)
-    out = []
-    with torch.inference_mode():
+    try:
         for b in range(batches):
             size = min(batch_size, n - b * batch_size)
-            if latents is None:
-                z0 = initial_noise((size, *image_shape), device, seed, b, sampler.channels_last)
-            else:
-                z0 = latents[b * batch_size : b * batch_size + size]
-                z0 = z0.to(torch.float32).contiguous(memory_format=fmt).clone()
-            step_seed = seed * SEED_STRIDE + b * BATCH_STRIDE
-            y = None if labels is None else labels[b * batch_size : b * batch_size + size]
-            y = None if y is None else y.to(device)
-            if use_graph:
-                z = sampler.run_graph(z0, step_seed, on_step=bar.update, strict=strict, labels=y)
-            else:
-                z = sampler.run_eager(sampler.buffers(z0, step_seed, y), on_step=bar.update)
-            out.append(z.float().clamp_(-1.0, 1.0).contiguous())
-    bar.close()
-    return torch.cat(out)
+            with torch.inference_mode():
+                if latents is None:
+                    z0 = initial_noise((size, *image_shape), device, seed, b, sampler.channels_last)
+                else:
+                    z0 = latents[b * batch_size : b * batch_size + size]
+                    z0 = z0.to(torch.float32).contiguous(memory_format=fmt).clone()
+                step_seed = seed * SEED_STRIDE + b * BATCH_STRIDE
+                y = None if labels is None else labels[b * batch_size : b * batch_size + size]
+                y = None if y is None else y.to(device)
+                if use_graph:
+                    z = sampler.run_graph(z0, step_seed, on_step=bar.update, strict=strict,
+                                          labels=y)  # fmt: skip
+                else:
+                    z = sampler.run_eager(sampler.buffers(z0, step_seed, y), on_step=bar.update)
+                z = z.float().clamp_(-1.0, 1.0).contiguous()
+            yield z
+    finally:
+        bar.close()
 
 
 def check_run_args(n, batch_size, seed, T) -> int:
