@@ -34,6 +34,7 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 
 from fastdiff import load  # noqa: E402
+from fastdiff.low_precision import sampling_model  # noqa: E402
 from fastdiff.precision import memory_format, resolve_precision  # noqa: E402
 from fastdiff.sampling import Sampler, run_sampler  # noqa: E402
 
@@ -135,6 +136,7 @@ def _fastdiff(case: Case, path, dev):
     prec = resolve_precision(case.precision, dev)
     cl = dev.type == "cuda"
     model = diffusion.model.to(memory_format=memory_format(cl)).eval().requires_grad_(False)
+    model = sampling_model(model, prec, dev, cl)  # what sample() runs: bf16 copy on CUDA
     sampler = Sampler(model, diffusion.schedule, precision=prec, channels_last=cl,
                       variance=diffusion.sampling_default("variance", "beta"))  # fmt: skip
     graph = case.impl == "fastdiff_graph"

@@ -51,6 +51,7 @@ from test_bench_ops import eager_q_sample, eager_reverse_step
 
 from fastdiff import NoiseSchedule
 from fastdiff.data import resolve_data
+from fastdiff.low_precision import sampling_model
 from fastdiff.precision import memory_format, resolve_precision
 from fastdiff.sampling import Sampler, run_sampler
 from fastdiff.training import TrainConfig, _Run, _schedule, model_for_data
@@ -372,6 +373,7 @@ def test_sample(measure_rounds, benchmark, base_model, case):
     if case.impl == "eager":
         fn = _eager_sampler(model, schedule, prec, case)
     else:
+        model = sampling_model(model, prec, dev, case.channels_last)  # sample()'s: bf16 copy
         sampler = Sampler(model, schedule, precision=prec, channels_last=case.channels_last)
         graph = case.impl == "fastdiff_graph"
 
@@ -431,6 +433,7 @@ def test_guided_sample(measure_rounds, benchmark, case, scale):
     torch.manual_seed(SEED)
     model = model_for_data(case.image_shape, case.preset, num_classes=10)
     model.to(dev, memory_format=memory_format(case.channels_last)).eval().requires_grad_(False)
+    model = sampling_model(model, prec, dev, case.channels_last)  # sample()'s: bf16 copy
     spec = SamplerSpec("ddpm", clip_x0=False, variance="beta")
     guidance = Guidance(10, scale)
     sampler = SamplerRunner(model, schedule, spec, precision=prec,

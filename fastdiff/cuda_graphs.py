@@ -160,7 +160,17 @@ def capture(
             g.set_state(state)
         if restore is not None:
             restore()
-        fall_back(what, f"the capture failed ({describe(exc)})", strict)
+        failure = f"the capture failed ({describe(exc)})"
+        if strict:
+            fall_back(what, failure, strict)  # raises here, chained to the step's own error
+    else:
+        failure = None
+    if failure is not None:
+        # Out of the except block, its traceback (which held the failed step's activations)
+        # is gone: the blocks they leave behind go back to the GPU instead of staying
+        # reserved until some allocation runs out of memory.
+        torch.cuda.empty_cache()
+        fall_back(what, failure, strict)
         return None
     _clear_cublas_workspaces()
     torch.cuda.current_stream(device).wait_stream(stream)

@@ -18,7 +18,12 @@ from . import cuda_graphs
 from .errors import CheckpointError
 from .labels import model_num_classes
 from .low_precision import sampling_model
-from .precision import resolve_channels_last, resolve_device, resolve_precision
+from .precision import (
+    resolve_channels_last,
+    resolve_device,
+    resolve_precision,
+    to_channels_last,
+)
 from .samplers import (
     SamplerRunner,
     SamplerSpec,
@@ -332,7 +337,7 @@ def iter_samples(
     net = diffusion.ema_model if use_ema and diffusion.ema_model is not None else diffusion.model
     net = sampling_model(net, prec, dev, cl)  # a UNet in bf16 on CUDA: its cached bf16 copy
     if cl:
-        net.to(memory_format=torch.channels_last)
+        to_channels_last(net)
     was_training = net.training
     net.eval()
     try:

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from . import cuda_graphs
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -90,10 +93,22 @@ def cpu_has_native_bf16() -> bool:
 def resolve_channels_last(channels_last, device: torch.device, precision: Precision) -> bool:
     """None / "auto": on for CUDA; on CPU on for fp32 and off for bf16 (as measured)."""
     if channels_last in (None, "auto"):
-        return device.type == "cuda" or precision.autocast_dtype is None
+        return cuda_graphs.on_cuda(device) or precision.autocast_dtype is None
     if not isinstance(channels_last, bool):
         raise ValueError(f"channels_last: expected True, False or 'auto', got {channels_last!r}")
     return channels_last
+
+
+def to_channels_last(module: torch.nn.Module) -> None:
+    """Put ``module``'s 4-d parameters and buffers in channels_last layout, in place, leaving
+    every tensor already laid out so where it is.  ``module.to(memory_format=...)`` instead
+    copies each 4-d tensor whose strides fit both layouts, (N, 1, 1, 1) such as a depthwise
+    1x1 conv's weight, at every call: the tensor moves, and a captured training step that
+    writes the old address (the EMA update) no longer reaches the module."""
+    with torch.no_grad():
+        for t in itertools.chain(module.parameters(), module.buffers()):
+            if t.dim() == 4 and not t.is_contiguous(memory_format=torch.channels_last):
+                t.data = t.data.contiguous(memory_format=torch.channels_last)
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:

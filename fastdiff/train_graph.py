@@ -261,9 +261,10 @@ class GraphStep:
         """Make replayed weight updates visible to caches keyed on version counters.
 
         A replay writes through raw pointers, so unlike an eager step it does not bump the
-        tensors' version counters, and the bf16 sampling copy (fastdiff.low_precision) would
-        keep serving old weights.  Bumping them costs ~15 us for 500 tensors, so it is done
-        here, when the weights are handed out (``_Run.diffusion``), not on every step.
+        tensors' version counters, and a cache keyed on them (a user's; fastdiff's bf16
+        sampling copy no longer is: it copies the weights at every call) would keep serving
+        old weights.  Bumping them costs ~15 us for 500 tensors, so it is done here, when the
+        weights are handed out (``_Run.diffusion``), not on every step.
         """
         if self._replayed:
             torch.autograd.graph.increment_version(self._written)

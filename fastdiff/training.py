@@ -770,8 +770,9 @@ class _Run:
             n,
             labels=labels,
             seed=self.cfg.seed,
-            # The training layout: sample() may convert a module it samples in place, and the
-            # captured training step holds the weights' addresses.
+            # The training layout: sample() converts a module it samples to another layout in
+            # place (precision.to_channels_last), and the captured training step holds the
+            # weights' addresses.
             channels_last=self.channels_last,
             sampler=self.grid_spec,
             strict=self.strict,

@@ -18,7 +18,7 @@ from test_training import tiny_data
 from torch import nn
 
 import fastdiff
-from fastdiff import Diffusion, NoiseSchedule, UNet
+from fastdiff import Diffusion, NoiseSchedule, UNet, low_precision
 from fastdiff.cli import main
 from fastdiff.errors import CheckpointError
 from fastdiff.labels import drop_labels
@@ -234,6 +234,27 @@ def test_guided_step_is_one_captured_graph_with_one_2b_model_call(emulated_cuda,
     # one call on 2B rows, labels [y; null]
     assert counter.batches and all(b == 4 for b, _ in counter.batches)
     assert all(labels[2:].tolist() == [K, K] for _, labels in counter.batches)
+
+
+def test_cuda_default_sampling_path_bf16_copy_channels_last_guided_is_captured(emulated_cuda):
+    """What ``sample()`` runs on a GPU by default: the bf16 copy of the UNet, channels_last
+    latents, the NHWC GroupNorm kernel, the guided 2B-row step, captured.  Replays equal the
+    same path run eagerly bit for bit, and the images stay within bf16 rounding of the fp32
+    model (the copy's weights are rounded once; ~0.01 here, bound 0.05 on values in [-1, 1]).
+    dpm++2m only (the grids' and FID's sampler; the interpreter takes ~1 min per sampler);
+    the other samplers' guided capture: test_guided_step_is_one_captured_graph_...."""
+    d = conditional_diffusion(T=4)
+    kw = dict(labels=[0, 1, 2], guidance_scale=3.0, sampler="dpm++2m", steps=2, seed=0)
+    graph = fastdiff.sample(d, 3, precision="bf16", **kw)
+    assert emulated_cuda.captures == 1
+    bf16 = low_precision._COPIES[d.model][1]
+    assert bf16.conv_in.weight.dtype == torch.bfloat16
+    assert bf16.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    eager = fastdiff.sample(d, 3, precision="bf16", cuda_graph=False, **kw)
+    assert emulated_cuda.captures == 1 and torch.equal(graph, eager)
+    fp32 = fastdiff.sample(d, 3, precision="fp32", cuda_graph=False, **kw)
+    torch.testing.assert_close(graph, fp32, rtol=0, atol=0.05)
+    assert not torch.equal(graph, fp32)
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import fastdiff
-from fastdiff import ops, train_graph, training
+from fastdiff import cuda_graphs, ops, train_graph, training
 from fastdiff.kernels import reference as ref
 from fastdiff.precision import resolve_precision
 from fastdiff.sampling import Sampler, StepBuffers, run_sampler
@@ -332,6 +332,27 @@ def test_a_failed_capture_leaves_no_gradient_from_its_pool(emulated_cuda, monkey
     assert emulated_cuda.emulator.captures_failed == 1
     assert run.graph_step.graph is None and not run.graph_step.capture
     assert all(p.grad is None for p in run.model.parameters())
+
+
+@pytest.mark.parametrize("failure", ["python error", "host read"])
+def test_a_failed_capture_empties_the_cache_once_the_steps_tensors_are_freed(
+    emulated_cuda, monkeypatch, failure
+):
+    """The failed step's tensors live on in the exception's traceback until the except block
+    ends; the cache is emptied after that (else their blocks stay reserved on the GPU)."""
+    held = []
+
+    def body():
+        x = torch.ones(4) * 2  # an activation of the step
+        held.append(weakref.ref(x))
+        if failure == "python error":
+            raise ValueError("refused")
+        x.sum().item()  # a host read: illegal in a capture
+
+    freed = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: freed.append(held[0]() is None))
+    assert cuda_graphs.capture(body, device=CPU, what="step", strict=False) is None
+    assert freed and freed[-1] is True
 
 
 def test_strict_mode_refuses_the_fallback(emulated_cuda, monkeypatch):

@@ -1,13 +1,13 @@
-"""The bf16 sampling copy of a UNet (fastdiff.low_precision): cast once, cached, never the
-user's module.  The copy is only made for CUDA; ``device`` is just compared, so the caching
-logic runs here on CPU modules."""
+"""The bf16 sampling copy of a UNet (fastdiff.low_precision): cast once, cached, refreshed
+from the source's weights at every call, never the user's module.  The copy is only made for
+CUDA; ``device`` is just compared, so the caching logic runs here on CPU modules."""
 
 import pytest
 import torch
 from torch import nn
 
 import fastdiff
-from fastdiff import UNet
+from fastdiff import UNet, low_precision
 from fastdiff.low_precision import sampling_model
 from fastdiff.precision import resolve_precision
 
@@ -28,7 +28,7 @@ def test_bf16_copy_is_cached_and_leaves_the_model_alone():
 
 
 def test_copy_follows_in_place_weight_updates():
-    """An EMA step (in place) makes the next call cast again, with the new weights."""
+    """An EMA step (in place): the next call returns the same copy with the new weights."""
     model = UNet.preset("tiny")
     ema = fastdiff.ema.EMA(model, decay=0.5)
     first = sampling_model(ema.shadow, BF16, CUDA, channels_last=True)
@@ -36,22 +36,52 @@ def test_copy_follows_in_place_weight_updates():
         model.conv_in.bias.add_(1.0)
     ema.update(step=100)
     second = sampling_model(ema.shadow, BF16, CUDA, channels_last=True)
-    assert second is not first
+    assert second is first
     torch.testing.assert_close(
         second.conv_in.bias.float(), ema.shadow.conv_in.bias, rtol=2**-8, atol=0
     )
 
 
-def test_a_model_made_under_inference_mode_is_cast_at_every_call():
-    """Inference tensors keep no version counter (reading one raises): no cache, so an
+def test_copy_follows_writes_that_bump_no_version_counter():
+    """``p.data`` writes (and collectives, raw-pointer writers) leave ``_version`` alone; the
+    copy still samples the current weights (once it was cached by version: stale)."""
+    model = UNet.preset("tiny")
+    sampling_model(model, BF16, CUDA, channels_last=True)
+    version = model.conv_in.bias._version
+    model.conv_in.bias.data.add_(1.0)
+    model.conv_in.weight.data.mul_(-3.0)
+    assert model.conv_in.bias._version == version
+    copy = sampling_model(model, BF16, CUDA, channels_last=True)
+    assert torch.equal(copy.conv_in.bias, model.conv_in.bias.to(torch.bfloat16))
+    assert torch.equal(copy.conv_in.weight, model.conv_in.weight.to(torch.bfloat16))
+    assert copy.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_changed_structure_drops_the_old_copy_before_casting_the_new(monkeypatch):
+    """Another layout (or device, shape): a new copy, and the old one is freed before it is
+    cast, so two copies never share the GPU's memory."""
+    import weakref
+
+    model = UNet.preset("tiny")
+    old = weakref.ref(sampling_model(model, BF16, CUDA, channels_last=True))
+    cast, freed = low_precision._cast_copy, []
+    monkeypatch.setattr(
+        low_precision, "_cast_copy", lambda *a: freed.append(old() is None) or cast(*a)
+    )
+    new = sampling_model(model, BF16, CUDA, channels_last=False)
+    assert freed == [True] and new.conv_in.weight.is_contiguous()
+
+
+def test_a_model_made_under_inference_mode_samples_its_current_weights():
+    """Inference tensors: the copy is made and refreshed there and outside alike, and an
     in-place update made under inference mode is never sampled stale."""
     with torch.inference_mode():
         model = UNet.preset("tiny")
         first = sampling_model(model, BF16, CUDA, channels_last=False)
         model.conv_in.bias.add_(1.0)
-        second = sampling_model(model, BF16, CUDA, channels_last=False)
-    assert second is not first
-    torch.testing.assert_close(first.conv_in.bias + 1, second.conv_in.bias, rtol=2**-7, atol=0)
+    second = sampling_model(model, BF16, CUDA, channels_last=False)
+    assert torch.equal(second.conv_in.bias, model.conv_in.bias.to(torch.bfloat16))
+    assert second is first
 
 
 @pytest.mark.parametrize("capability,want", [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"),

@@ -212,3 +212,34 @@ def test_ddpm_variance_matches_its_closed_form(variance, clip_x0):
     assert abs(sample_mean - want_mean) < 5 * math.sqrt(want_var / N), (sample_mean, want_mean)
     assert abs(sample_var - want_var) < 5 * se_var, (sample_var, want_var, se_var)
     assert abs(sample_var - other) > 50 * se_var, (sample_var, other, se_var)
+
+
+class DepthwiseModel(nn.Module):
+    """A user's model with a depthwise 1x1 conv, whose (C, 1, 1, 1) weight has strides that
+    fit both memory layouts."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Conv2d(1, 4, 3, padding=1)
+        self.depthwise = nn.Conv2d(4, 4, 1, groups=4)
+        self.out = nn.Conv2d(4, 1, 3, padding=1)
+
+    def forward(self, z, t):
+        return self.out(self.depthwise(self.inp(z)))
+
+
+def test_channels_last_sampling_moves_no_weight_already_in_that_layout(reference_backend):
+    """sample(channels_last=True) converts the model in place, but a tensor whose layout is
+    already right keeps its memory: ``module.to(memory_format=...)`` would copy the (4, 1, 1, 1)
+    weight at every call, and a captured training step (whose EMA update writes the old
+    address) would silently stop updating it after the first sample grid."""
+    model = DepthwiseModel()
+    d = Diffusion(model, NoiseSchedule.linear(4), (1, 4, 4))
+    depthwise = model.depthwise.weight.data_ptr()
+    kw = dict(sampler="ddim", steps=2, seed=0, precision="fp32", channels_last=True)
+    first = d.sample(2, **kw)
+    assert model.out.weight.is_contiguous(memory_format=torch.channels_last)  # converted
+    assert not model.out.weight.is_contiguous()
+    out = model.out.weight.data_ptr()
+    assert torch.equal(d.sample(2, **kw), first)
+    assert model.depthwise.weight.data_ptr() == depthwise and model.out.weight.data_ptr() == out
