@@ -10,7 +10,9 @@ batch of n images; s/step = median / 20.
 
 * ``fastdiff_graph``: ``fastdiff.load(pipeline_dir)`` (the UNet converted to fastdiff's UNet),
   ``run_sampler`` with ``cuda_graph=True``: one step captured as a CUDA graph (in the warm-up
-  rounds) and replayed 20 times, fused reverse step, channels_last.
+  rounds) and replayed 20 times, fused reverse step, channels_last; with bf16 it runs what
+  ``sample()`` runs, the bf16 copy of the weights (fastdiff.low_precision, refreshed inside
+  the timed call), where diffusers autocasts its fp32 weights.
 * ``fastdiff_eager`` (CPU): the same step function run eagerly.
 * ``diffusers``: the body of ``DDPMPipeline.__call__``: ``randn_tensor``, then per timestep
   ``unet(image, t).sample`` and ``scheduler.step(...).prev_sample`` (the pipeline's progress bar
@@ -136,12 +138,13 @@ def _fastdiff(case: Case, path, dev):
     prec = resolve_precision(case.precision, dev)
     cl = dev.type == "cuda"
     model = diffusion.model.to(memory_format=memory_format(cl)).eval().requires_grad_(False)
-    model = sampling_model(model, prec, dev, cl)  # what sample() runs: bf16 copy on CUDA
-    sampler = Sampler(model, diffusion.schedule, precision=prec, channels_last=cl,
+    copy = sampling_model(model, prec, dev, cl)  # what sample() runs: bf16 copy on CUDA
+    sampler = Sampler(copy, diffusion.schedule, precision=prec, channels_last=cl,
                       variance=diffusion.sampling_default("variance", "beta"))  # fmt: skip
     graph = case.impl == "fastdiff_graph"
 
     def fn():
+        sampling_model(model, prec, dev, cl)  # the per-call refresh
         return run_sampler(sampler, case.n, diffusion.image_shape, dev, seed=SEED,
                            batch_size=case.n, cuda_graph=graph)  # fmt: skip
 

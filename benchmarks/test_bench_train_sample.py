@@ -27,7 +27,10 @@ Sampling (Algorithm 20.2), s/step = median / T with a linear T=20 schedule (one 
 denoising steps on a batch):
 
 * ``fastdiff_eager``: ``fastdiff.sampling.run_sampler`` with ``cuda_graph=False`` (the step
-  function on static buffers, fused reverse step); what CPU users get.
+  function on static buffers, fused reverse step); what CPU users get.  Both fastdiff sides
+  run what ``sample()`` runs: with bf16 on CUDA the bf16 copy of the UNet's weights
+  (fastdiff.low_precision, refreshed inside the timed call as ``sample()`` does), where the
+  ``eager`` baseline autocasts fp32 weights.
 * ``fastdiff_graph`` (CUDA only): ``run_sampler`` with ``cuda_graph=True``: the step captured
   once as a CUDA graph (capture happens in the warm-up rounds) and replayed T times.
 * ``eager``: a plain loop: model forward under the same autocast, the reverse-step formula in
@@ -373,11 +376,12 @@ def test_sample(measure_rounds, benchmark, base_model, case):
     if case.impl == "eager":
         fn = _eager_sampler(model, schedule, prec, case)
     else:
-        model = sampling_model(model, prec, dev, case.channels_last)  # sample()'s: bf16 copy
-        sampler = Sampler(model, schedule, precision=prec, channels_last=case.channels_last)
+        copy = sampling_model(model, prec, dev, case.channels_last)  # sample()'s: bf16 copy
+        sampler = Sampler(copy, schedule, precision=prec, channels_last=case.channels_last)
         graph = case.impl == "fastdiff_graph"
 
         def fn():
+            sampling_model(model, prec, dev, case.channels_last)  # the per-call refresh
             return run_sampler(sampler, case.batch, case.image_shape, dev, seed=SEED,
                                batch_size=case.batch, cuda_graph=graph)  # fmt: skip
 
@@ -433,15 +437,16 @@ def test_guided_sample(measure_rounds, benchmark, case, scale):
     torch.manual_seed(SEED)
     model = model_for_data(case.image_shape, case.preset, num_classes=10)
     model.to(dev, memory_format=memory_format(case.channels_last)).eval().requires_grad_(False)
-    model = sampling_model(model, prec, dev, case.channels_last)  # sample()'s: bf16 copy
+    copy = sampling_model(model, prec, dev, case.channels_last)  # sample()'s: bf16 copy
     spec = SamplerSpec("ddpm", clip_x0=False, variance="beta")
     guidance = Guidance(10, scale)
-    sampler = SamplerRunner(model, schedule, spec, precision=prec,
+    sampler = SamplerRunner(copy, schedule, spec, precision=prec,
                             channels_last=case.channels_last, guidance=guidance)  # fmt: skip
     labels = torch.arange(case.batch, device=dev) % 10
     graph = case.impl == "fastdiff_graph"
 
     def fn():
+        sampling_model(model, prec, dev, case.channels_last)  # the per-call refresh
         return run_sampler(sampler, case.batch, case.image_shape, dev, seed=SEED,
                            batch_size=case.batch, cuda_graph=graph, labels=labels)  # fmt: skip
 

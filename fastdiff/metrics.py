@@ -266,16 +266,18 @@ def kid(a, b, *, network=None, num_subsets: int = KID_SUBSETS,
         max_subset_size: int = KID_SUBSET_SIZE, seed: int = 0, batch_size: int = 100,
         device=None) -> KID:  # fmt: skip
     """KID(mean, std) between ``a`` and ``b`` (as for :func:`fid`); subsets drawn with
-    ``np.random.default_rng(seed)``.  The kernel sums run in float64 on ``device`` (default:
-    the CPU): 100 subsets of 1000 x 2048 features are 1.2 TFLOP, ~25 s on one core (torchrun
-    sets one thread per process), well under a second on a GPU."""
+    ``np.random.default_rng(seed)``.  The kernel sums run in float64 on ``device`` if it is
+    a CUDA device, else on the CPU: 100 subsets of 1000 x 2048 features are 1.2 TFLOP, ~25 s
+    on one core (torchrun sets one thread per process), well under a second on a GPU."""
     require_int("num_subsets", num_subsets)
     require_int("max_subset_size", max_subset_size, 2)
     x = _stats(a, "a", network, batch_size=batch_size, device=device).features
     y = _stats(b, "b", network, batch_size=batch_size, device=device).features
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"b: expected {x.shape[1]} features per row, got {y.shape[1]}")
-    dev = torch.device("cpu") if device is None else torch.device(device)
+    # float64 sums: on a CUDA device, else on the CPU (MPS has no float64)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    dev = dev if dev.type == "cuda" else torch.device("cpu")
     d = x.shape[1]
     m = min(x.shape[0], y.shape[0], max_subset_size)
     rng = np.random.default_rng(seed)
@@ -354,13 +356,16 @@ def sample_features(diffusion, n: int, network, sampler=DEFAULT_FID_SAMPLER, *, 
     with the same arguments."""
     from .diffusion import iter_samples
 
-    net = _network(network)
+    net = _network(network, diffusion.device)
     name, steps = sampler
     batches = iter_samples(diffusion, n, sampler=name, steps=steps, seed=seed,
                            progress=progress, **sample_kwargs)  # fmt: skip
-    return np.concatenate(
-        [extract_features(images, net, batch_size=batch_size) for images in batches]
-    )
+    # closing: a failure here ends the sampling at once (model mode, progress bar, graphs)
+    # instead of whenever the traceback that holds the generator goes.
+    with contextlib.closing(batches):
+        return np.concatenate(
+            [extract_features(images, net, batch_size=batch_size) for images in batches]
+        )
 
 
 def evaluate(diffusion, *, ref, n: int = 50000, sampler=DEFAULT_FID_SAMPLER, with_kid=False,

@@ -619,12 +619,18 @@ class _Run:
                         self._agree_on_failure(failed)
                     # A stopping run saves at once: a scheduler's grace before SIGKILL (30 s
                     # for torchrun and Slurm) may be shorter than a grid or an FID.
-                    grid_due = writes and cfg.sample_every and self.step % cfg.sample_every == 0
-                    if grid_due and not signum:
-                        path = out / "samples" / f"step_{self.step:08d}.png"
-                        self._write(self._save_grid, path, what="sample grid")
-                    if self.fid is not None and self.step % cfg.fid_every == 0 and not signum:
-                        self._measure_fid(bar, metrics, on_log)
+                    grid_due = bool(cfg.sample_every) and self.step % cfg.sample_every == 0
+                    fid_due = bool(cfg.fid_every) and self.step % cfg.fid_every == 0
+                    if (grid_due or fid_due) and not signum:
+                        if writes and grid_due:
+                            path = out / "samples" / f"step_{self.step:08d}.png"
+                            self._write(self._save_grid, path, what="sample grid")
+                        if self.fid is not None and fid_due:
+                            self._measure_fid(bar, metrics, on_log)
+                        # The other ranks wait for rank 0's grid / FID here, on the host group,
+                        # not in the next step's NCCL all-reduce (its watchdog aborts after 10
+                        # minutes), and learn whether its writes failed before any save.
+                        self._agree_on_failure()
                     if signum and not logged:  # the metrics log ends at the saved step
                         window = self._log(window, bar, metrics, on_log)
                     periodic = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0

@@ -109,7 +109,10 @@ class EmulatedCuda:
 
     def disable(self) -> None:
         """From now on the same step functions run eagerly (GraphStep without capture; the
-        sampler's eager loop), as they do on a CPU: the run to compare a captured one with."""
+        sampler's eager loop), as they do on a CPU: the run to compare a captured one with.
+        ``on_cuda`` is false again, so the CUDA defaults go too: a comparison that leaves
+        ``channels_last`` on auto with bf16 (auto on AVX-512 BF16 hosts) would compare
+        channels_last and the bf16 sampling copy with NCHW fp32 weights: pin both."""
         from fastdiff import cuda_graphs, train_graph
 
         self._monkeypatch.setattr(cuda_graphs, "on_cuda", lambda device: False)

@@ -126,3 +126,27 @@ def test_eval_fid_reduces_each_sampling_batch_to_features_before_drawing_the_nex
     bf16 = metrics.evaluate(d, ref=metrics.FeatureStats.of(ref), n=n, sampler=sampler,
                             precision="bf16")  # fmt: skip
     assert bf16["precision"] == "bf16" and bf16["fid"] != result["fid"]
+
+
+def test_sample_batches_are_writable_and_a_failed_consumer_ends_the_sampling(
+    env, monkeypatch, reference_backend
+):
+    """iter_samples yields normal tensors (not inference tensors, which refuse in-place
+    writes outside inference mode); when feature extraction fails, sampling ends at once:
+    the model is back in training mode without waiting for the traceback to go."""
+    from fastdiff import Diffusion, NoiseSchedule, UNet
+    from fastdiff.diffusion import iter_samples
+
+    d = Diffusion(UNet.preset("tiny").train(), NoiseSchedule.linear(4), (1, 8, 8))
+    batch = next(iter(iter_samples(d, 2, sampler="ddim", steps=2, seed=0)))
+    assert not batch.is_inference()
+    batch.add_(1.0)  # raises for an inference tensor
+    d.model.train()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("network failed")
+
+    monkeypatch.setattr(metrics, "extract_features", broken)
+    with pytest.raises(RuntimeError, match="network failed") as info:
+        metrics.sample_features(d, 300, save_fake_inception(env.parent / "n.pt"), ("ddim", 2))
+    assert d.model.training and info.value is not None  # the traceback is still alive here

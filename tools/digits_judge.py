@@ -475,6 +475,12 @@ def main(argv=None) -> int:
         "--clip", default="auto", choices=["auto", "on", "off"], help="clamp x0 [auto: ddim on]"
     )
     p.add_argument("--clip-rule", default="rederive", choices=["rederive", "diffusers"])
+    p.add_argument(
+        "--precision",
+        default=None,
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="sampling autocast [auto: bf16 on CPUs with AVX-512 BF16 or AMX, else fp32]",
+    )
     p.add_argument("--label", default=None, help="name printed for the result")
     p.add_argument("--json", action="store_true", help="print one JSON line per result")
     p.add_argument(
@@ -517,7 +523,7 @@ def main(argv=None) -> int:
             scales=args.scales, sampler=args.sampler, steps=args.steps, variance=args.variance,
             eta=args.eta,
             clip_x0={"auto": None, "on": True, "off": False}[args.clip],
-            clip_rule=args.clip_rule,
+            clip_rule=args.clip_rule, precision=args.precision,
         )  # fmt: skip
         return 0
     if args.table:
@@ -547,6 +553,7 @@ def main(argv=None) -> int:
                 eta=args.eta,
                 clip_x0={"auto": None, "on": True, "off": False}[args.clip],
                 clip_rule=args.clip_rule,
+                precision=args.precision,
             )
         label = args.label or str(args.source)
         results.append((label, judge_images(images, net), time.perf_counter() - start))

@@ -315,8 +315,8 @@ def iter_sampler(
                                           labels=y)  # fmt: skip
                 else:
                     z = sampler.run_eager(sampler.buffers(z0, step_seed, y), on_step=bar.update)
-                z = z.float().clamp_(-1.0, 1.0).contiguous()
-            yield z
+            # Out of inference mode, so the batch is a normal tensor (a consumer may write it).
+            yield z.float().clamp(-1.0, 1.0).contiguous()
     finally:
         bar.close()
 
