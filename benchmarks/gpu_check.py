@@ -62,6 +62,7 @@ CUDA_TESTS = [
     "tests/test_ddim_kernel.py",
     "tests/test_guidance_ops.py",
     "tests/test_nan_propagation.py",
+    "tests/test_metrics.py",
     "tests/test_train_graph.py",
     "tests/test_training.py::test_cuda_hot_loop_does_not_synchronise",
     "tests/test_low_precision.py::test_cuda_bf16_sampling_uses_the_copy_and_keeps_the_model",
