@@ -122,16 +122,29 @@ def test_exit_after_a_process_group_flushes_and_keeps_the_status():
     assert (proc.returncode, proc.stdout, proc.stderr) == (7, "kept", "err")
 
 
-def failing_setup_worker(rank, world, port, result_dir):
-    """Rank 0's FID monitor refuses a Dataset (fid_every needs images); every rank writes
-    what train() raised."""
+def run_two_ranks(worker, tmp_path) -> list[str]:
+    """Run ``worker(rank, 2, port, tmp_path)`` on two spawned ranks and return what each wrote
+    to ``rank<r>.txt``; fail if a rank is still running after 240 s (a rank left waiting)."""
+    context = mp.start_processes(worker, args=(2, free_port(), str(tmp_path)), nprocs=2,
+                                 join=False, start_method="spawn")  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail("a rank is still waiting after rank 0 failed")
+    return [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+
+
+def train_and_report(rank, world, port, result_dir, images, **kwargs):
+    """This rank's train() on ``images``; writes what it raised (or "trained") to
+    ``rank<r>.txt`` and exits as the fastdiff command does."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
     torch.set_num_threads(1)
     try:
-        fastdiff.train(torch.utils.data.TensorDataset(data()), steps=2, batch_size=4,
-                       preset="tiny", T=20, device="cpu", progress=False, fid_every=1,
-                       precision="fp32")  # fmt: skip
+        fastdiff.train(images, batch_size=4, preset="tiny", T=20, device="cpu", progress=False,
+                       precision="fp32", **kwargs)  # fmt: skip
         said = "trained"
     except Exception as exc:  # noqa: BLE001 - reported to the test
         said = f"{type(exc).__name__}: {exc}"
@@ -140,9 +153,14 @@ def failing_setup_worker(rank, world, port, result_dir):
     distributed.exit_process(0)
 
 
+def failing_setup_worker(rank, world, port, result_dir):
+    """Rank 0's FID monitor refuses a Dataset (fid_every needs images)."""
+    train_and_report(rank, world, port, result_dir, torch.utils.data.TensorDataset(data()),
+                     steps=2, fid_every=1)  # fmt: skip
+
+
 def failing_grid_worker(rank, world, port, result_dir):
-    """Rank 0's sample grid of step 2 cannot be written (a full disk); every rank writes what
-    train() raised."""
+    """Rank 0's sample grid of step 2 cannot be written (a full disk)."""
     import errno
 
     from fastdiff import training
@@ -151,19 +169,8 @@ def failing_grid_worker(rank, world, port, result_dir):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     training._Run._save_grid = no_space
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
-    torch.set_num_threads(1)
-    try:
-        fastdiff.train(data(), steps=4, batch_size=4, out_dir=os.path.join(result_dir, "run"),
-                       preset="tiny", T=20, device="cpu", progress=False, sample_every=2,
-                       checkpoint_every=2, precision="fp32")  # fmt: skip
-        said = "trained"
-    except Exception as exc:  # noqa: BLE001 - reported to the test
-        said = f"{type(exc).__name__}: {exc}"
-    with open(os.path.join(result_dir, f"rank{rank}.txt"), "w") as f:
-        f.write(said)
-    distributed.exit_process(0)
+    train_and_report(rank, world, port, result_dir, data(), steps=4, sample_every=2,
+                     checkpoint_every=2, out_dir=os.path.join(result_dir, "run"))  # fmt: skip
 
 
 def test_a_failed_grid_on_rank_0_stops_every_rank_before_that_steps_save(tmp_path):
@@ -171,32 +178,16 @@ def test_a_failed_grid_on_rank_0_stops_every_rank_before_that_steps_save(tmp_pat
     every rank raises at step 2 and no checkpoint of step 2 is written.  (Agreed only at the
     next step, step 2 would be saved first; and on GPUs the other ranks would wait for a long
     grid or FID in the next step's NCCL all-reduce, whose watchdog aborts after 10 minutes.)"""
-    context = mp.start_processes(failing_grid_worker, args=(2, free_port(), str(tmp_path)),
-                                 nprocs=2, join=False, start_method="spawn")  # fmt: skip
-    deadline = time.monotonic() + 240
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in context.processes:
-                p.kill()
-            pytest.fail("a rank is still waiting after rank 0 failed")
-    for r in range(2):
-        said = (tmp_path / f"rank{r}.txt").read_text()
-        assert said.startswith("OutputError:") and "No space left" in said, said
+    said = run_two_ranks(failing_grid_worker, tmp_path)
+    for text in said:
+        assert text.startswith("OutputError:") and "No space left" in text, text
     assert not (tmp_path / "run" / "checkpoints" / "step_00000002").exists()
 
 
 def test_a_set_up_failure_on_rank_0_alone_stops_every_rank(tmp_path):
     """Without the agreement, rank 1 would wait in DDP's first broadcast for a rank 0 that
     has already failed (until the NCCL timeout on GPUs)."""
-    context = mp.start_processes(failing_setup_worker, args=(2, free_port(), str(tmp_path)),
-                                 nprocs=2, join=False, start_method="spawn")  # fmt: skip
-    deadline = time.monotonic() + 240
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in context.processes:
-                p.kill()
-            pytest.fail("a rank is still waiting after rank 0 failed")
-    rank0, rank1 = ((tmp_path / f"rank{r}.txt").read_text() for r in range(2))
+    rank0, rank1 = run_two_ranks(failing_setup_worker, tmp_path)
     assert rank0.startswith("DataError: fid_every"), rank0
     assert rank1.startswith("FastDiffError: rank 0 failed while setting up the run (DataError"), (
         rank1
