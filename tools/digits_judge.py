@@ -21,6 +21,7 @@ Usage (from a checkout, with fastdiff installed)::
 
     python tools/digits_judge.py runs/digits                 # 200 DDPM samples, seed 0
     python tools/digits_judge.py runs/digits --sampler ddim --steps 100
+    python tools/digits_judge.py runs/digits --precision fp32   # sampling precision [auto]
     python tools/digits_judge.py images.npz                  # e.g. from `fastdiff sample --out`
     python tools/digits_judge.py --reference                 # floor and ceiling only
     python tools/digits_judge.py runs/digits --table         # every sampler setting (TABLE)
