@@ -275,9 +275,8 @@ def kid(a, b, *, network=None, num_subsets: int = KID_SUBSETS,
     y = _stats(b, "b", network, batch_size=batch_size, device=device).features
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"b: expected {x.shape[1]} features per row, got {y.shape[1]}")
-    # float64 sums: on a CUDA device, else on the CPU (MPS has no float64)
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    dev = dev if dev.type == "cuda" else torch.device("cpu")
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    dev = dev if dev.type == "cuda" else torch.device("cpu")  # float64 (MPS has none)
     d = x.shape[1]
     m = min(x.shape[0], y.shape[0], max_subset_size)
     rng = np.random.default_rng(seed)
@@ -387,19 +386,9 @@ def evaluate(diffusion, *, ref, n: int = 50000, sampler=DEFAULT_FID_SAMPLER, wit
         if isinstance(ref, FeatureStats)
         else reference_stats(ref, n=n, network=net, batch_size=batch_size, progress=progress)
     )
-    stats = FeatureStats.of(
-        sample_features(
-            diffusion,
-            n,
-            net,
-            sampler,
-            seed=seed,
-            batch_size=batch_size,
-            use_ema=use_ema,
-            precision=used,
-            progress=progress,
-        )  # fmt: skip
-    )
+    features = sample_features(diffusion, n, net, sampler, seed=seed, batch_size=batch_size,
+                               use_ema=use_ema, precision=used, progress=progress)  # fmt: skip
+    stats = FeatureStats.of(features)
     result = {
         "fid": frechet_distance(stats.mu, stats.sigma, ref_stats.mu, ref_stats.sigma),
         "n": n,
