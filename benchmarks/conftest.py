@@ -282,14 +282,37 @@ def _rounds_summary(tr):
 ROWS_ENV = "FASTDIFF_BENCH_ROWS"
 
 
+#: The outcome of a test's call phase ("passed" / "failed"), stored on the item by
+#: pytest_runtest_makereport for the row that pytest_runtest_teardown writes.
+CALL_OUTCOME = pytest.StashKey[str]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call":
+        item.stash[CALL_OUTCOME] = report.outcome
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_teardown(item, nextitem):
-    """Append {"name", "median" (seconds or null), "extra_info"} of the benchmark that just ran
-    to $FASTDIFF_BENCH_ROWS (before the fixtures are torn down)."""
+    """Append {"name", "median" (seconds or null), "extra_info", "outcome"} of the benchmark
+    that just ran to $FASTDIFF_BENCH_ROWS (before the fixtures are torn down).
+
+    ``outcome`` is the test's call phase: "passed", or "failed" (an assertion after the
+    timing, e.g. a graph that was not replayed, or an error in the timed function: the median
+    and extra_info may then be a fallback's or partial, and are no result); "error" when the
+    call phase never ran (its set-up failed).  Skipped tests get no row."""
     path = os.environ.get(ROWS_ENV)
     bench = getattr(item, "funcargs", {}).get("benchmark")
     if path and bench is not None and not getattr(bench, "skipped", False):
-        row = {"name": item.name, "median": median_seconds(bench), "extra_info": bench.extra_info}
+        row = {
+            "name": item.name,
+            "median": median_seconds(bench),
+            "extra_info": bench.extra_info,
+            "outcome": item.stash.get(CALL_OUTCOME, "error"),
+        }
         with open(path, "a") as f:
             f.write(json.dumps(row, default=str) + "\n")
     yield

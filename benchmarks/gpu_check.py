@@ -1,9 +1,9 @@
 """One GPU check: tests on CUDA, CUDA-graph sampling == eager, device times, one table.
 
-    python benchmarks/gpu_check.py [--out DIR] [--budget-s S] [--full]
+    python benchmarks/gpu_check.py [--out DIR] [--budget-s S] [--full | --parts A,B]
 
 Run it on one NVIDIA GPU with fastdiff installed (wheel or editable) and its test extra; it
-takes under 5 minutes (``--full``: about 10) and prints one table.  Each part runs in its own
+takes under 6 minutes (``--full``: about 15) and prints one table.  Each part runs in its own
 subprocess with its own time limit and log file in ``--out`` (default ``gpu_check_out/``), so
 a hang or a crash in one part still leaves the others' results:
 
@@ -16,11 +16,20 @@ a hang or a crash in one part still leaves the others' results:
    images must be equal (max |difference| printed).
 4. the CUDA benchmarks, most wanted first, each part its own pytest run with its own JSON
    report and time share (a part cut by its limit keeps the earlier parts' rows):
-   ``bench-ops`` (device time, GB/s and % of copy of every op), ``bench-train`` (the training
-   step, bf16 channels_last: graph / eager / eager torch, cifar10 and digits presets),
-   ``bench-sample`` (s/step against batch size); with ``--full`` also ``bench-diffusers`` and
-   ``bench-train-more`` (fp32, fp16, contiguous, compile=True).  Summarised as one row per
-   benchmark (median time and the extra_info figures: GB/s, % of copy, images/s, ms/step).
+   ``bench-ops`` (device time, GB/s, % of copy and of a 1 GiB copy, x eager: the noising,
+   loss and reverse-step ops and GroupNorm+SiLU), ``bench-train`` (the training step, bf16
+   channels_last: graph / eager / eager torch, cifar10 and digits presets), ``bench-sample``
+   (s/step against batch size, and guided against unguided), ``bench-diffusers`` (the
+   anchors: diffusers' sampling loop with fp32 weights, under autocast and with bf16 weights,
+   and its example and tuned training loops at equal parameters).  With ``--full`` also the
+   jobs ``digits-job`` (``fastdiff train --device cuda``, the default job, timed from its
+   metrics.jsonl) and ``profile`` (benchmarks/gpu_profile.py: kernels, device and host time
+   per step), then ``bench-train-more`` (fp32, fp16, contiguous), ``bench-ops-samplers``
+   (the DDIM / DPM-Solver++ step ops) and ``bench-compile`` (compile=True).  ``--parts A,B``
+   runs the named parts in that order instead (e.g. a second, short GPU call:
+   ``--parts digits-job,profile``).  Benchmarks are summarised as one row each (median time
+   and the extra_info figures: GB/s, % of copy, images/s, ms/step; "FAILED" after the name
+   when the test failed after timing).
    ``--bench-k EXPR`` instead runs one part, ``bench``: all of benchmarks/ with ``-k EXPR``.
    Each benchmark's row is appended to ``<part>.rows.jsonl`` as soon as it has run
    (benchmarks/conftest.py, ``FASTDIFF_BENCH_ROWS``), so a part killed at its time limit keeps
@@ -39,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -72,19 +82,28 @@ CUDA_TESTS = [
 ]
 #: ``--smoke`` (CPU) keeps to these of them: the CUDA-only tests there are skipped.
 SMOKE_K = "cuda_graph or hot_loop"
-#: (part, benchmark file, pytest -k, seconds at most), most wanted first.
+#: (part, benchmark file, pytest -k, seconds at most), most wanted first: the fused ops, the
+#: training step, fastdiff's sampling (unguided and guided) and the diffusers anchors (its
+#: sampling loops and training loops at equal parameters), so that one call of tools/gpu_session.sh
+#: (the suite, then these) measures every ratio of the issue in one run.
 _TRAIN_CORE = "test_train_step and cuda and bf16 and channels_last and not compile"
 BENCH_PARTS = [
-    ("bench-ops", "test_bench_ops.py", "cuda", 100),
-    ("bench-train", "test_bench_train_sample.py", _TRAIN_CORE, 90),
-    ("bench-sample", "test_bench_train_sample.py", "test_sample and cuda", 60),
-]
-#: What ``--full`` adds after them.
-FULL_PARTS = [
-    ("bench-diffusers", "test_bench_diffusers.py", "cuda", 150),
-    ("bench-train-more", "test_bench_train_sample.py",
-     f"test_train_step and cuda and not ({_TRAIN_CORE})", 300),
+    ("bench-ops", "test_bench_ops.py", "cuda and not sampler_step", 80),
+    ("bench-train", "test_bench_train_sample.py", _TRAIN_CORE, 85),
+    ("bench-sample", "test_bench_train_sample.py",
+     "(test_sample or test_guided_sample) and cuda", 70),
+    ("bench-diffusers", "test_bench_diffusers.py", "cuda", 100),
 ]  # fmt: skip
+#: What ``--full`` adds after them (and the JOB_PARTS, which run first of these).
+FULL_PARTS = [
+    ("bench-train-more", "test_bench_train_sample.py",
+     f"test_train_step and cuda and not compile and not ({_TRAIN_CORE})", 150),
+    ("bench-ops-samplers", "test_bench_ops.py", "cuda and sampler_step", 60),
+    ("bench-compile", "test_bench_train_sample.py", "test_train_step and cuda and compile", 150),
+]  # fmt: skip
+#: Parts that are not benchmarks (``--full``, or by name with ``--parts``): the default job as
+#: users run it, and the profile of the steps (benchmarks/gpu_profile.py).  Seconds at most.
+JOB_PARTS = {"digits-job": 120, "profile": 90}
 #: A part is not started with less time than this left: importing torch, starting CUDA and
 #: collecting tests alone take ~10-20 s, so a shorter part could only fail.
 MIN_PART_S = 30.0
@@ -95,6 +114,7 @@ FIGURES = [
     ("device_us", "device us"),
     ("gb_per_s", "GB/s"),
     ("pct_of_copy", "% copy"),
+    ("pct_of_1gib_copy", "% 1GiB"),
     ("speedup_vs_eager", "x eager"),
     ("images_per_s", "img/s"),
     ("ms_per_step", "ms/step"),
@@ -102,10 +122,18 @@ FIGURES = [
 ]
 
 ENV_PROBE = """
-import json, sys, torch, fastdiff
-info = {"python": sys.version.split()[0], "torch": torch.__version__,
+import datetime, json, subprocess, sys, torch, fastdiff
+info = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": sys.version.split()[0], "torch": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
         "fastdiff": fastdiff.__version__, "fastdiff_from": fastdiff.__file__,
         "cuda": torch.cuda.is_available()}
+try:
+    info["driver"] = subprocess.run(
+        ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+        capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
+except Exception:  # no nvidia-smi (a CPU smoke run)
+    info["driver"] = None
 try:
     import triton
     info["triton"] = triton.__version__
@@ -199,9 +227,11 @@ def pytest_summary(log: Path) -> str:
     return tail[-1].strip("= ") if tail else "(no pytest summary)"
 
 
-def bench_rows(rows_file: Path) -> list[list[str]]:
-    """One row per benchmark line of ``rows_file`` (JSON lines of benchmarks/conftest.py:
-    name, median seconds or null, extra_info): name, median, and the FIGURES present."""
+def read_rows(rows_file: Path) -> list[dict]:
+    """The benchmark lines of ``rows_file`` (JSON lines of benchmarks/conftest.py: name, median
+    seconds or null, extra_info, the test's outcome), each as {"name", "median", "info",
+    "failed"}; seconds per step also as ms_per_step; a line cut by a kill is skipped.
+    (tools/gpu_session.sh's summary reads the rows through this too.)"""
     rows = []
     for line in rows_file.read_text(errors="replace").splitlines():
         try:
@@ -211,10 +241,21 @@ def bench_rows(rows_file: Path) -> list[list[str]]:
         info = dict(b.get("extra_info") or {})
         if "s_per_step" in info and "ms_per_step" not in info:
             info["ms_per_step"] = info["s_per_step"] * 1e3
-        median = b.get("median")
-        row = [b["name"], "-" if median is None else f"{median * 1e3:.3f} ms"]
+        failed = b.get("outcome", "passed") != "passed"
+        rows.append({"name": b["name"], "median": b.get("median"), "info": info, "failed": failed})
+    return rows
+
+
+def bench_rows(rows_file: Path) -> list[list[str]]:
+    """One table row per benchmark of ``rows_file`` (read_rows): name (with "FAILED" when the
+    test failed after timing, e.g. a fallback found), median, and the FIGURES present."""
+    rows = []
+    for r in read_rows(rows_file):
+        median = r["median"]
+        row = [r["name"] + (" FAILED" if r["failed"] else ""),
+               "-" if median is None else f"{median * 1e3:.3f} ms"]  # fmt: skip
         for key, _ in FIGURES:
-            value = info.get(key)
+            value = r["info"].get(key)
             row.append(f"{value:,.1f}" if isinstance(value, (int, float)) else "")
         rows.append(row)
     return rows
@@ -226,6 +267,94 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([fmt.format(*header), "-+-".join("-" * w for w in widths)] + [
         fmt.format(*r) for r in rows
     ])  # fmt: skip
+
+
+def part_names(full: bool) -> list[str]:
+    """The parts run by default (``full``: all of them), in order."""
+    names = [name for name, *_ in BENCH_PARTS]
+    if full:
+        names += list(JOB_PARTS) + [name for name, *_ in FULL_PARTS]
+    return names
+
+
+def _parts_arg(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in part_names(True)]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown part(s) {unknown}; known: {', '.join(part_names(True))}"
+        )
+    return names
+
+
+def job_command(name: str, py: str, out: Path, smoke: bool) -> list[str]:
+    """The command of a JOB_PARTS entry.  ``digits-job``: the default job (``fastdiff train``,
+    5000 steps of the digits preset, checkpoints and the final grid) on the GPU, written to
+    ``out/digits-job``; ``profile``: benchmarks/gpu_profile.py.  Smoke: 20 CPU steps, tiny
+    profile cases."""
+    if name == "digits-job":
+        run_dir = out / "digits-job"
+        shutil.rmtree(run_dir, ignore_errors=True)  # an earlier run's metrics are no result
+        cmd = [py, "-m", "fastdiff", "train", "--out", str(run_dir)]
+        cmd += ["--device", "cpu", "--steps", "20", "--log-every", "5"] if smoke else [
+            "--device", "cuda"]  # fmt: skip
+        return cmd
+    return [py, str(ROOT / "benchmarks" / "gpu_profile.py")] + (["--smoke"] if smoke else [])
+
+
+def digits_job_figures(run_dir: Path) -> dict:
+    """Training time of the default job from its metrics.jsonl (one line per log window with
+    ``step``, ``images_per_s`` and the unix ``time`` at its end): ``train_s`` from the first
+    window's end to the last's plus the first window's own length (steps x batch / images_per_s
+    with batch = 64, the default job's), ``steps``, and the last window's images/s.  A run cut
+    by its time limit still gives what it reached."""
+    path = run_dir / "metrics.jsonl"
+    windows = []
+    if path.exists():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "time" in rec and "images_per_s" in rec:
+                windows.append(rec)
+    if not windows:
+        return {"steps": 0}
+    first, last = windows[0], windows[-1]
+    first_s = first["step"] * 64 / first["images_per_s"]
+    return {
+        "steps": last["step"],
+        "train_s": round(last["time"] - first["time"] + first_s, 2),
+        "last_images_per_s": round(last["images_per_s"], 1),
+    }
+
+
+PROFILE_HEADER = ["profile case", "host ms/step", "wall ms/step", "kernels/step",
+                  "device ms/step", "top kernel (ms/step)"]  # fmt: skip
+
+
+def profile_rows(log: Path) -> list[list[str]]:
+    """One row per JSON line of benchmarks/gpu_profile.py in ``log``."""
+    rows = []
+    if not log.exists():
+        return rows
+    for line in log.read_text(errors="replace").splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "error" in r:
+            rows.append([r.get("case", "?"), "ERROR", r["error"][:60], "", "", ""])
+            continue
+        top = r["top"][0] if r["top"] else None
+        rows.append([
+            r["case"], f"{r['host_ms_per_step']:.3f}", f"{r['wall_ms_per_step']:.3f}",
+            f"{r['kernels_per_step']:g}", f"{r['device_ms_per_step']:.3f}",
+            f"{top['kernel'][:40]} ({top['ms_per_step']:.3f})" if top else "",
+        ])  # fmt: skip
+    return rows
 
 
 def main(argv=None) -> int:
@@ -240,6 +369,13 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--full", action="store_true", help="also diffusers and the other training variants"
     )
+    parser.add_argument(
+        "--parts",
+        type=_parts_arg,
+        default=None,
+        help="comma-separated parts to run, in this order (after env and graph) "
+        f"[default: {','.join(part_names(False))}; --full: all]",
+    )
     parser.add_argument("--smoke", action="store_true", help="run the parts on the CPU, small")
     parser.add_argument(
         "--skip-tests", action="store_true", help="leave out the CUDA tests (run elsewhere)"
@@ -247,11 +383,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    budget = args.budget_s or (600 if args.full else 290)
+    budget = args.budget_s or (900 if args.full else 335)
     deadline = time.perf_counter() + budget
     py = sys.executable
     device = "cpu" if args.smoke else "cuda"
-    bench_k = args.bench_k or ("cpu" if args.smoke else None)
+    bench_k = args.bench_k or ("cpu" if args.smoke and not args.parts else None)
     results = []
 
     with tempfile.TemporaryDirectory() as cwd_name:  # outside the checkout's root
@@ -285,12 +421,20 @@ def main(argv=None) -> int:
                 cwd,
             )
         )
+        bench_parts = {name: (path, k, share) for name, path, k, share in BENCH_PARTS + FULL_PARTS}
         if bench_k is not None:
-            parts = [("bench", "", bench_k, 240)]
+            names = ["bench"]
+            bench_parts["bench"] = ("", bench_k, 240)
         else:
-            parts = BENCH_PARTS + (FULL_PARTS if args.full else [])
-        rows_files = []
-        for name, path, k, share in parts:
+            names = args.parts or part_names(args.full)
+        rows_files, jobs = [], []
+        for name in names:
+            if name in JOB_PARTS:
+                cmd = job_command(name, py, out, args.smoke)
+                results.append(run_part(name, cmd, out, left(JOB_PARTS[name]), cwd))
+                jobs.append(name)
+                continue
+            path, k, share = bench_parts[name]
             report, rows_file = out / f"{name}.json", out / f"{name}.rows.jsonl"
             for stale in (report, rows_file):  # an earlier run's results are no result
                 stale.unlink(missing_ok=True)
@@ -310,6 +454,10 @@ def main(argv=None) -> int:
         "env": ", ".join(f"{k}={v}" for k, v in env.items()),
         "graph": json.dumps(last_json_line(out / "graph.log")),
     }
+    if "digits-job" in jobs:
+        notes["digits-job"] = json.dumps(digits_job_figures(out / "digits-job"))
+    if "profile" in jobs:
+        notes["profile"] = f"{len(profile_rows(out / 'profile.log'))} cases (table below)"
     summary = [
         [r["part"], r["status"], f"{r['seconds']:.0f} s",
          notes.get(r["part"]) or pytest_summary(r["log"])]
@@ -322,6 +470,9 @@ def main(argv=None) -> int:
         print()
         header = ["benchmark", "median", *[label for _, label in FIGURES]]
         print(format_table(header, rows))
+    if "profile" in jobs:
+        print()
+        print(format_table(PROFILE_HEADER, profile_rows(out / "profile.log")))
     print(f"\nlogs: {out}")
     return 0 if all(r["status"] == "pass" for r in results) else 1
 

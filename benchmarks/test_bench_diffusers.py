@@ -1,4 +1,5 @@
-"""A diffusers DDPMPipeline sampled by fastdiff against diffusers' own loop.
+"""A diffusers DDPMPipeline sampled by fastdiff against diffusers' own loop, and diffusers'
+training loop as the anchor of fastdiff's training step.
 
 Run: ``pytest benchmarks/test_bench_diffusers.py --benchmark-only`` (needs diffusers:
 ``pip install "fastdiff[diffusers]"``; skipped without it).
@@ -18,10 +19,35 @@ batch of n images; s/step = median / 20.
   ``unet(image, t).sample`` and ``scheduler.step(...).prev_sample`` (the pipeline's progress bar
   and final numpy conversion left out).  fp32 is what DDPMPipeline runs by default; bf16 runs
   the same loop under ``torch.autocast`` (the precision fastdiff picks on such GPUs).
+* ``diffusers_bf16_weights``: the same loop with the UNet's weights cast to bf16
+  (``unet.to(torch.bfloat16)``), bf16 latents (``randn_tensor(..., dtype=torch.bfloat16)``, as
+  DDPMPipeline draws them in ``unet.dtype``) and no autocast: how the earlier diffusers anchor
+  (27.3 ms/step at n = 256 on an H200) was run, beside the autocast one.
 
-CPU case (so the file cannot rot; skipped numbers are not the point): a 0.7M-parameter
-UNet2DModel of the same family on 3x16x16, n = 4.  CUDA cases (skipped without CUDA): n = 16
-and 256, fastdiff bf16 and fp32, diffusers fp32 and bf16.
+Training step (``test_train_step_diffusers``): the anchors of fastdiff's training step
+(benchmarks/test_bench_train_sample.py, ``test_train_step``), at its parameters (batch 128,
+linear T = 1000, AdamW lr 2e-4 with a 200-step warm-up, clipping 1.0, EMA 0.9999) on the
+same random 3x32x32 data already on the device; same group name, attrs and extra_info keys
+(images_per_s, ms_per_step, steps_per_call: 10 steps per timed call on CUDA, 1 on CPU), so
+when both files run in one session the summary prints fastdiff's ratio to each.
+
+* ``diffusers_example``: what diffusers' examples/unconditional_image_generation/
+  train_unconditional.py does per step with ``--mixed_precision=bf16 --use_ema``: the batch
+  cast to the weight dtype (bf16), ``torch.randn`` noise and ``torch.randint`` t on the
+  device, ``DDPMScheduler(num_train_timesteps=1000).add_noise``, ``UNet2DModel`` (the
+  google/ddpm-cifar10-32 configuration, fp32 weights) under ``torch.autocast`` bf16,
+  ``F.mse_loss(pred.float(), noise.float())``, backward, ``clip_grad_norm_(params, 1.0)``,
+  ``AdamW`` (not fused), the lr scheduler's step, ``zero_grad(set_to_none=True)``,
+  ``EMAModel(decay=0.9999, use_ema_warmup=True, power=3/4).step`` (a per-parameter loop).
+  The example's per-step ``loss.item()`` logging is left out: it would synchronise every
+  step, where fastdiff's loop keeps the loss on the device.
+* ``diffusers_tuned``: the same with the model and its input channels_last, ``AdamW(fused=True)``
+  on CUDA and ``EMAModel(..., foreach=True)``: what a user who tunes that loop gets.
+
+CPU cases (so the file cannot rot; skipped numbers are not the point): a 0.7M-parameter
+UNet2DModel of the same family on 3x16x16, n = 4 (sampling) and batch 4 (training).  CUDA
+cases (skipped without CUDA): sampling n = 16 and 256, fastdiff bf16 and fp32, diffusers
+fp32, bf16 (autocast) and bf16 weights; training batch 128, example and tuned.
 """
 
 from __future__ import annotations
@@ -30,9 +56,12 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 diffusers = pytest.importorskip("diffusers")
 
+from diffusers.optimization import get_scheduler  # noqa: E402
+from diffusers.training_utils import EMAModel  # noqa: E402
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 
 from fastdiff import load  # noqa: E402
@@ -40,7 +69,7 @@ from fastdiff.low_precision import sampling_model  # noqa: E402
 from fastdiff.precision import memory_format, resolve_precision  # noqa: E402
 from fastdiff.sampling import Sampler, run_sampler  # noqa: E402
 
-NO_CUDA_REASON = "CUDA is not available: the CUDA diffusers-pipeline cases need a GPU"
+NO_CUDA_REASON = "CUDA is not available: the CUDA diffusers cases need a GPU"
 T = 20
 SEED = 0
 
@@ -89,30 +118,196 @@ class Case:
         return {"impl": self.impl, "precision": self.precision}
 
 
+#: CUDA: 6 timed calls of 20 steps after 2 warm-up calls (the graph's capture, cuDNN's and
+#: Triton's first calls): a call is 0.05-2 s on an H200 and the spread between calls of a
+#: graph replay or a fixed eager loop is small, so 6 give a stable median.  n = 256 first
+#: (the anchor's batch), so that a run cut at its time limit has those rows.
 CASES = [
     Case("cpu", "small", 4, "fastdiff_eager", "fp32", 3, 1),
     Case("cpu", "small", 4, "diffusers", "fp32", 3, 1),
+    Case("cpu", "small", 4, "diffusers_bf16_weights", "bf16", 3, 1),
     *(
-        Case("cuda", "cifar10", n, impl, prec, 10, 2)
-        for n in (16, 256)
+        Case("cuda", "cifar10", n, impl, prec, 6, 2)
+        for n in (256, 16)
         for impl, prec in [
             ("fastdiff_graph", "bf16"),
             ("fastdiff_graph", "fp32"),
             ("diffusers", "fp32"),
             ("diffusers", "bf16"),
+            ("diffusers_bf16_weights", "bf16"),
         ]
     ),
 ]
 
 
-def _params():
+def _params(cases=None):
     out = []
-    for c in CASES:
+    for c in CASES if cases is None else cases:
         marks = []
         if c.device == "cuda":
             marks.append(pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA_REASON))
         out.append(pytest.param(c, id=c.id, marks=marks))
     return out
+
+
+def _check_bf16(dev: torch.device, precision: str) -> None:
+    if dev.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this CUDA device does not support bf16")
+
+
+# -- training step -----------------------------------------------------------------------------
+
+#: fastdiff's training settings (TrainConfig's defaults with the CLI's 200-step warm-up, as
+#: benchmarks/test_bench_train_sample.py runs them): the anchors run at the same parameters.
+TRAIN_T, TRAIN_LR, TRAIN_WARMUP, TRAIN_CLIP, TRAIN_EMA = 1000, 2e-4, 200, 1.0, 0.9999
+TRAIN_BATCHES = 4  # the on-device data set: this many batches of random images in [-1, 1]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainCase:
+    device: str
+    model: str  # "cifar10" or "small"
+    batch: int
+    impl: str  # diffusers_example / diffusers_tuned
+    precision: str  # bf16: the autocast dtype, as fastdiff's bf16 train cases
+    rounds: int
+    warmup_rounds: int
+    steps_per_call: int  # training steps per timed call
+
+    @property
+    def channels_last(self) -> bool:
+        return self.impl == "diffusers_tuned"
+
+    @property
+    def layout(self) -> str:
+        return "channels_last" if self.channels_last else "contiguous"
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (3, 32, 32) if self.model == "cifar10" else (3, 16, 16)
+
+    @property
+    def id(self) -> str:
+        """e.g. cuda-cifar10-b128-bf16-contiguous-diffusers_example (test_train_step's form)."""
+        return (
+            f"{self.device}-{self.model}-b{self.batch}-{self.precision}-{self.layout}-{self.impl}"
+        )
+
+    @property
+    def group(self) -> str:
+        """test_train_step's group of the same preset, shape and batch."""
+        shape = "x".join(map(str, self.image_shape))
+        return f"train_step {self.device} {self.model} {shape} b{self.batch}"
+
+    def attrs(self) -> dict:
+        """test_train_step's attrs: the summary prints the ratio to each fastdiff side that
+        differs in impl alone (example: fastdiff contiguous; tuned: fastdiff channels_last)."""
+        return {"impl": self.impl, "precision": self.precision, "layout": self.layout,
+                "compile": "off"}  # fmt: skip
+
+
+#: CUDA: 10 timed calls of 10 steps after 2 warm-up calls (cuDNN's first calls, the lazy
+#: optimizer and EMA state): a call is ~0.5-1 s on an H200.  CPU: 1 step per call.
+TRAIN_IMPLS = ("diffusers_example", "diffusers_tuned")
+TRAIN_CASES = [
+    *(TrainCase("cpu", "small", 4, impl, "bf16", 3, 1, 1) for impl in TRAIN_IMPLS),
+    *(TrainCase("cuda", "cifar10", 128, impl, "bf16", 10, 2, 10) for impl in TRAIN_IMPLS),
+]
+
+
+class DiffusersTrainer:
+    """One training step of diffusers' unconditional example (``diffusers_example``) or its
+    tuned variant (``diffusers_tuned``); see the module docstring."""
+
+    def __init__(self, case: TrainCase, dev: torch.device):
+        torch.manual_seed(SEED)
+        config = CIFAR10_UNET if case.model == "cifar10" else SMALL_UNET
+        fmt = torch.channels_last if case.channels_last else torch.contiguous_format
+        self.model = diffusers.UNet2DModel(**config).to(dev, memory_format=fmt).train()
+        self.params = list(self.model.parameters())
+        self.scheduler = diffusers.DDPMScheduler(num_train_timesteps=TRAIN_T)
+        tuned = case.impl == "diffusers_tuned"
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=TRAIN_LR, weight_decay=0.0,
+            fused=True if tuned and dev.type == "cuda" else None,
+        )  # fmt: skip
+        self.lr_scheduler = get_scheduler(
+            "constant_with_warmup", optimizer=self.optimizer, num_warmup_steps=TRAIN_WARMUP
+        )
+        # The example's EMA: EMAModel(params, decay, use_ema_warmup=True, inv_gamma=1, power=3/4)
+        self.ema = EMAModel(self.params, decay=TRAIN_EMA, use_ema_warmup=True, inv_gamma=1.0,
+                            power=3 / 4, foreach=tuned)  # fmt: skip
+        # What the example's data loader hands over, already on the device (fp32 in [-1, 1]).
+        g = torch.Generator().manual_seed(SEED)
+        data = torch.rand(TRAIN_BATCHES * case.batch, *case.image_shape, generator=g) * 2 - 1
+        self.batches = data.to(dev, memory_format=fmt).split(case.batch)
+        self.weight_dtype = torch.bfloat16 if case.precision == "bf16" else torch.float32
+        self.autocast = torch.autocast(dev.type, torch.bfloat16, enabled=case.precision == "bf16")
+        self.tuned, self.device, self.k = tuned, dev, 0
+
+    def train_step(self) -> torch.Tensor:
+        clean = self.batches[self.k % len(self.batches)].to(self.weight_dtype)
+        if self.tuned:  # keeps clean's channels_last layout
+            noise = torch.randn_like(clean)
+        else:
+            noise = torch.randn(clean.shape, dtype=self.weight_dtype, device=self.device)
+        bsz = clean.shape[0]
+        timesteps = torch.randint(0, TRAIN_T, (bsz,), device=self.device).long()
+        noisy = self.scheduler.add_noise(clean, noise, timesteps)
+        with self.autocast:
+            pred = self.model(noisy, timesteps).sample
+        loss = F.mse_loss(pred.float(), noise.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, TRAIN_CLIP)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.step(self.params)
+        self.k += 1
+        return loss.detach()
+
+
+@pytest.mark.parametrize("case", _params(TRAIN_CASES))
+def test_train_step_diffusers(measure_rounds, case):
+    dev = torch.device(case.device)
+    _check_bf16(dev, case.precision)
+    trainer = DiffusersTrainer(case, dev)
+    steps = case.steps_per_call
+
+    def fn():
+        for _ in range(steps):
+            loss = trainer.train_step()
+        return loss
+
+    loss = measure_rounds(
+        fn,
+        group=case.group,
+        side=case.id.split(f"b{case.batch}-", 1)[1],
+        device=case.device,
+        rounds=case.rounds,
+        warmup_rounds=case.warmup_rounds,
+        derive=lambda median: {
+            "images_per_s": round(case.batch * steps / median, 1),
+            "ms_per_step": round(median / steps * 1e3, 3),
+        },
+        attrs=case.attrs(),
+        what="train_step",
+        steps_per_call=steps,
+        preset=case.model,
+        batch=case.batch,
+        image_shape=list(case.image_shape),
+        channels_last=case.channels_last,
+        autocast_dtype="bfloat16" if case.precision == "bf16" else "float32",
+        torch_threads=torch.get_num_threads(),
+        model="diffusers.UNet2DModel",
+        params=sum(p.numel() for p in trainer.params),
+    )
+    assert torch.isfinite(loss).all()
+    assert trainer.k >= steps and trainer.ema.optimization_step == trainer.k
+    assert all(torch.isfinite(p).all() for p in trainer.params)
+
+
+# -- sampling ----------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -145,39 +340,55 @@ def _fastdiff(case: Case, path, dev):
 
     def fn():
         sampling_model(model, prec, dev, cl)  # the per-call refresh
+        # strict with the graph: a step that cannot be captured raises, never runs eagerly
         return run_sampler(sampler, case.n, diffusion.image_shape, dev, seed=SEED,
-                           batch_size=case.n, cuda_graph=graph)  # fmt: skip
+                           batch_size=case.n, cuda_graph=graph, strict=graph)  # fmt: skip
 
-    return fn
+    return fn, sampler
+
+
+def assert_graph_replayed(sampler, batch: int) -> None:
+    """The timed calls replayed a captured graph for this batch size, not the eager chain:
+    no capture failed (``SamplerRunner.graph_failed``, set when one does: the sampler runs
+    eagerly from then on) and the batch's graph is cached (``SamplerRunner._graphs``).
+    ``strict=True`` already raises on a fallback; this also catches one that bypassed it."""
+    assert not sampler.graph_failed, "the sampling graph's capture failed: eager was timed"
+    assert batch in sampler._graphs, f"no sampling graph was captured for batch {batch}"
 
 
 def _diffusers(case: Case, path, dev):
     pipe = diffusers.DDPMPipeline.from_pretrained(str(path), local_files_only=True).to(dev)
     unet, scheduler = pipe.unet.eval(), pipe.scheduler
+    bf16_weights = case.impl == "diffusers_bf16_weights"
+    if bf16_weights:  # bf16 weights and latents, no autocast (diffusers logs a note on to())
+        unet.to(torch.bfloat16)
+    dtype = unet.dtype  # DDPMPipeline draws the latents in the UNet's dtype
     size = unet.config.sample_size
     shape = (case.n, unet.config.in_channels, size, size)
-    autocast = torch.autocast(dev.type, torch.bfloat16, enabled=case.precision == "bf16")
+    autocast = torch.autocast(
+        dev.type, torch.bfloat16, enabled=case.precision == "bf16" and not bf16_weights
+    )
 
     def fn():
         generator = torch.Generator(device=dev).manual_seed(SEED)
         with torch.inference_mode(), autocast:
-            image = randn_tensor(shape, generator=generator, device=dev)
+            image = randn_tensor(shape, generator=generator, device=dev, dtype=dtype)
             scheduler.set_timesteps(T)
             for t in scheduler.timesteps:
                 model_output = unet(image, t).sample
                 image = scheduler.step(model_output, t, image, generator=generator).prev_sample
         return image.float().clamp(-1, 1)
 
-    return fn
+    return fn, None
 
 
 @pytest.mark.parametrize("case", _params())
 def test_sample_pipeline(measure_rounds, pipeline_dir, case):
     dev = torch.device(case.device)
-    if dev.type == "cuda" and case.precision == "bf16" and not torch.cuda.is_bf16_supported():
-        pytest.skip("this CUDA device does not support bf16")
+    _check_bf16(dev, case.precision)
     path = pipeline_dir(case.model)
-    fn = (_diffusers if case.impl == "diffusers" else _fastdiff)(case, path, dev)
+    side = _fastdiff if case.impl.startswith("fastdiff") else _diffusers
+    fn, sampler = side(case, path, dev)
     images = measure_rounds(
         fn,
         group=f"diffusers pipeline {case.device} {case.model} n={case.n} T={T}",
@@ -192,3 +403,5 @@ def test_sample_pipeline(measure_rounds, pipeline_dir, case):
         steps=T,
     )
     assert images.shape[0] == case.n and torch.isfinite(images).all()
+    if case.impl == "fastdiff_graph":
+        assert_graph_replayed(sampler, case.n)

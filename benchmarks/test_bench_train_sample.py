@@ -134,9 +134,14 @@ def _cuda(impl, precision, channels_last, rounds, warmup, *, preset="cifar10", b
 
 
 def _cuda_train(impl, precision="bf16", channels_last=True, **kw):
-    """20 timed calls of 10 steps after 3 warm-up calls (Triton compilation, the graph's eager
-    warm-up steps and its capture, torch.compile)."""
-    return _cuda(impl, precision, channels_last, 20, 3, steps_per_call=10, **kw)
+    """10 timed calls of 10 steps after 2 warm-up calls (Triton compilation, the graph's eager
+    warm-up steps and its capture in the first; the first replays in the second), 3 with
+    compile=True (torch.compile's compilation and recompilations).  A cifar10 call is ~0.4 s
+    on an H200, with a small spread between calls (the host runs ahead of the GPU): 10 give a
+    stable median, and the 6 CUDA cases of benchmarks/gpu_check.py's bench-train part fit its
+    90 s."""
+    warmup = 3 if kw.get("compile") else 2
+    return _cuda(impl, precision, channels_last, 10, warmup, steps_per_call=10, **kw)
 
 
 #: CPU: one step ~0.25 s (fp32) on 2 cores, so 10 timed rounds after 2 warm-up calls.
@@ -167,17 +172,26 @@ TRAIN_CASES = [
     ),
 ]
 
+#: CUDA sampling: 6 timed calls after 2 warm-up calls (the graph's capture, Triton's and
+#: cuDNN's first calls).  A call is at most ~0.4 s on an H200 (n = 256; a graph replay or a
+#: fixed eager loop, little spread), so the 9 cases of benchmarks/gpu_check.py's bench-sample
+#: part fit its 60 s with the start-up.
+SAMPLE_CUDA_ROUNDS = (6, 2)
+
 #: One call = SAMPLE_T denoising steps (CPU: ~1.3 s per call on 2 idle cores).
 SAMPLE_CASES = [
     _cpu("fastdiff_eager", "fp32", False, 5, 1),
     _cpu("fastdiff_eager", "fp32", True, 5, 1),
     _cpu("fastdiff_eager", "bf16", False, 5, 1),
     _cpu("eager", "fp32", False, 5, 1),
-    *(_cuda(impl, "bf16", True, 10, 2) for impl in ("fastdiff_graph", "fastdiff_eager", "eager")),
+    *(
+        _cuda(impl, "bf16", True, *SAMPLE_CUDA_ROUNDS)
+        for impl in ("fastdiff_graph", "fastdiff_eager", "eager")
+    ),
     # s/step against the batch size: the graph removes the per-step host cost that dominates
     # small batches.
     *(
-        _cuda(impl, "bf16", True, 10, 2, batch=n)
+        _cuda(impl, "bf16", True, *SAMPLE_CUDA_ROUNDS, batch=n)
         for n in (1, 16, 256)
         for impl in ("fastdiff_graph", "fastdiff_eager")
     ),
@@ -252,8 +266,11 @@ def _fastdiff_run(case: Case, model, data) -> _Run:
     sched = _schedule("linear", 1000).to(dev)
     source = resolve_data(data)
     model.to(dev, memory_format=memory_format(case.channels_last)).train()
+    graph = case.impl == "fastdiff_graph"
+    # strict: a step that cannot be captured raises (in the warm-up rounds, before anything
+    # is timed) instead of training on eagerly under the graph's name.
     return _Run(model, sched, source, case.image_shape, cfg, dev, prec, case.channels_last, 0,
-                cuda_graph=case.impl == "fastdiff_graph", compile=case.compile)  # fmt: skip
+                cuda_graph=graph, compile=case.compile, strict=graph)  # fmt: skip
 
 
 class EagerTrainer:
@@ -364,6 +381,18 @@ def _eager_sampler(model, schedule, prec, case: Case):
     return sample
 
 
+def assert_graph_replayed(sampler, batch: int) -> None:
+    """The timed calls replayed a captured graph for this batch size, not the eager chain.
+
+    ``run_sampler(..., strict=True)`` already raises where a capture fails or the step is
+    not capturable; this also catches a fallback that bypassed strict mode.  A failed capture
+    sets ``SamplerRunner.graph_failed`` (the sampler runs eagerly from then on); a captured
+    one is cached in ``SamplerRunner._graphs`` under its batch size.
+    """
+    assert not sampler.graph_failed, "the sampling graph's capture failed: eager was timed"
+    assert batch in sampler._graphs, f"no sampling graph was captured for batch {batch}"
+
+
 @pytest.mark.parametrize("case", _params(SAMPLE_CASES))
 def test_sample(measure_rounds, benchmark, base_model, case):
     _check_supported(case)
@@ -383,7 +412,7 @@ def test_sample(measure_rounds, benchmark, base_model, case):
         def fn():
             sampling_model(model, prec, dev, case.channels_last)  # the per-call refresh
             return run_sampler(sampler, case.batch, case.image_shape, dev, seed=SEED,
-                               batch_size=case.batch, cuda_graph=graph)  # fmt: skip
+                               batch_size=case.batch, cuda_graph=graph, strict=graph)  # fmt: skip
 
     images = measure_rounds(
         fn,
@@ -400,6 +429,8 @@ def test_sample(measure_rounds, benchmark, base_model, case):
     )
     assert images.shape == (case.batch, *case.image_shape)
     assert torch.isfinite(images).all()
+    if case.impl == "fastdiff_graph":
+        assert_graph_replayed(sampler, case.batch)
 
 
 # -- guided sampling --------------------------------------------------------------------------
@@ -412,8 +443,8 @@ GUIDANCE_CASES = [
     (case, scale)
     for case in (
         _cpu("fastdiff_eager", "fp32", False, 3, 1),
-        _cuda("fastdiff_graph", "bf16", True, 10, 2),
-        _cuda("fastdiff_graph", "bf16", True, 10, 2, preset="digits", batch=64),
+        _cuda("fastdiff_graph", "bf16", True, *SAMPLE_CUDA_ROUNDS),
+        _cuda("fastdiff_graph", "bf16", True, *SAMPLE_CUDA_ROUNDS, preset="digits", batch=64),
     )
     for scale in (1.0, 3.0)
 ]
@@ -448,7 +479,8 @@ def test_guided_sample(measure_rounds, benchmark, case, scale):
     def fn():
         sampling_model(model, prec, dev, case.channels_last)  # the per-call refresh
         return run_sampler(sampler, case.batch, case.image_shape, dev, seed=SEED,
-                           batch_size=case.batch, cuda_graph=graph, labels=labels)  # fmt: skip
+                           batch_size=case.batch, cuda_graph=graph, strict=graph,
+                           labels=labels)  # fmt: skip
 
     images = measure_rounds(
         fn,
@@ -466,3 +498,5 @@ def test_guided_sample(measure_rounds, benchmark, case, scale):
     )
     assert images.shape == (case.batch, *case.image_shape)
     assert torch.isfinite(images).all()
+    if graph:
+        assert_graph_replayed(sampler, case.batch)

@@ -63,6 +63,85 @@ def test_bench_rows_read_what_a_killed_part_left(tmp_path):
     assert table[0]["ms/step"] == "18.5" and table[1]["median"] == "-"
 
 
+def test_a_failed_benchmark_row_is_marked(tmp_path):
+    """A row whose test failed after timing (e.g. a fallback found) is named FAILED."""
+    gpu_check = _gpu_check()
+    rows_file = tmp_path / "part.rows.jsonl"
+    rows_file.write_text(
+        '{"name": "ok", "median": 0.001, "extra_info": {}, "outcome": "passed"}\n'
+        '{"name": "bad", "median": 0.001, "extra_info": {}, "outcome": "failed"}\n'
+    )
+    assert [r[0] for r in gpu_check.bench_rows(rows_file)] == ["ok", "bad FAILED"]
+
+
+def test_job_parts_run_the_default_job_and_the_profile(tmp_path):
+    """``--parts digits-job,profile`` (smoke: 20 CPU steps, tiny profile cases): the job's
+    training time and steps come from its metrics.jsonl, the profile prints one row per case."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTDIFF_BACKEND")}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--skip-tests",
+         "--out", str(tmp_path / "out"), "--parts", "digits-job,profile"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    job = next(ln for ln in lines if ln.startswith("digits-job"))
+    assert "| pass" in job and '"steps": 20' in job and '"train_s": ' in job, job
+    for case in ("train-tiny", "sample-tiny"):
+        assert any(ln.startswith(case + " ") for ln in lines), proc.stdout
+    assert not any(ln.startswith("bench") for ln in lines), proc.stdout
+
+
+def test_parts_option_rejects_an_unknown_part(capsys):
+    gpu_check = _gpu_check()
+    try:
+        gpu_check.main(["--parts", "bench-ops,bench-nope"])
+    except SystemExit as exc:
+        assert exc.code == 2
+    assert "bench-nope" in capsys.readouterr().err
+
+
+def test_digits_job_figures_from_metrics(tmp_path):
+    """train_s = last window's end - first window's end + the first window's own length
+    (50 steps x 64 images / its images/s); a run without windows reports 0 steps."""
+    gpu_check = _gpu_check()
+    assert gpu_check.digits_job_figures(tmp_path) == {"steps": 0}
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"step": 50, "loss": 1.0, "images_per_s": 1600.0, "time": 1000.0}\n'
+        '{"step": 100, "loss": 0.5, "images_per_s": 3200.0, "time": 1001.0}\n'
+        '{"event": "checkpoint"}\n'
+    )
+    got = gpu_check.digits_job_figures(tmp_path)
+    assert got == {"steps": 100, "train_s": 3.0, "last_images_per_s": 3200.0}
+
+
+def test_profile_kernel_table_counts_device_events_only():
+    """gpu_profile.kernel_table over hand-made events: CPU events are ignored; per call, the
+    kernel count, the summed device time, and the kernels ranked by their total time."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_profile
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def ev(name, us, dev=DeviceType.CUDA):
+        return SimpleNamespace(name=name, device_type=dev,
+                               time_range=SimpleNamespace(elapsed_us=lambda: us))  # fmt: skip
+
+    events = [ev("gemm", 300.0), ev("gemm", 300.0), ev("norm", 100.0), ev("norm", 100.0),
+              ev("norm", 100.0), ev("aten::conv2d", 5000.0, DeviceType.CPU)]  # fmt: skip
+    count, device_ms, top = gpu_profile.kernel_table(events, calls=2)
+    assert count == 2.5 and device_ms == 0.45
+    assert [(r["kernel"], r["ms_per_step"], r["calls_per_step"]) for r in top] == [
+        ("gemm", 0.3, 1.0),
+        ("norm", 0.15, 1.5),
+    ]
+
+
 #: A pytest plugin for a collect-only child over benchmarks/: for each (file, -k expression) in
 #: FASTDIFF_SELECT_IN, the ids pytest itself would run (its own keyword matcher and expression
 #: parser, as ``pytest benchmarks/<file> -k <expr>`` applies them), so that one collection
@@ -107,17 +186,14 @@ def collected_many(tmp_path: Path, queries: list[tuple[str, str]]) -> list[set[s
 
 def test_bench_parts_select_the_cuda_cases_once(tmp_path):
     """The parts' -k expressions (CUDA cases are collected, then skipped, on a CPU): the
-    default parts pick the op table, the 6 core training cases and every CUDA sampling case;
-    with --full's parts, every CUDA training case is in exactly one part."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import gpu_check
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    default parts pick the op table (without the sampler-step ops), the 6 core training cases,
+    every CUDA sampling case (guided too) and every diffusers anchor; with --full's parts,
+    every CUDA training case and every CUDA op case is in exactly one part."""
+    gpu_check = _gpu_check()
     parts = gpu_check.BENCH_PARTS + gpu_check.FULL_PARTS
     references = [
         ("test_bench_train_sample.py", "test_train_step and cuda"),
-        ("test_bench_train_sample.py", "test_sample and cuda"),
+        ("test_bench_train_sample.py", "cuda and not test_train_step"),
         ("test_bench_ops.py", "cuda"),
     ]
     *selected, train, sample, ops = collected_many(
@@ -126,13 +202,23 @@ def test_bench_parts_select_the_cuda_cases_once(tmp_path):
     got = {name: ids for (name, *_), ids in zip(parts, selected, strict=True)}
     if importlib.util.find_spec("diffusers") is None:  # its benchmark module skips itself
         assert got.pop("bench-diffusers") == set()
+    else:
+        anchors = got["bench-diffusers"]
+        for impl in ("diffusers_example", "diffusers_tuned", "diffusers_bf16_weights-"):
+            assert any(impl.rstrip("-") in i and "cuda" in i for i in anchors), (impl, anchors)
     assert all(got.values()), got
     assert all("cuda" in i for ids in got.values() for i in ids)
     core = got["bench-train"]
     assert len(core) == 6 and all("bf16-channels_last" in i for i in core), core
-    assert core | got["bench-train-more"] == train and not core & got["bench-train-more"]
-    assert got["bench-sample"] == sample
-    assert got["bench-ops"] == ops
+    more, compiled = got["bench-train-more"], got["bench-compile"]
+    assert core | more | compiled == train
+    assert not (core & more or core & compiled or more & compiled)
+    assert all("compile" in i for i in compiled) and not any("compile" in i for i in more)
+    assert got["bench-sample"] == sample and any("test_guided_sample" in i for i in sample)
+    samplers = got["bench-ops-samplers"]
+    assert got["bench-ops"] | samplers == ops and not got["bench-ops"] & samplers
+    assert all("sampler_step" in i for i in samplers)
+    assert [name for name, *_ in gpu_check.BENCH_PARTS] == gpu_check.part_names(full=False)
 
 
 #: A pytest plugin for a collect-only child: writes, for every collected test, whether it is
@@ -226,3 +312,32 @@ def test_tests_part_selects_every_cuda_only_test(tmp_path):
     assert not partial, f"files testing on helpers.DEVICE not run in full: {partial}"
     smoke = gpu_check.tests_part_args(smoke=True)
     assert smoke == [*args, "-k", gpu_check.SMOKE_K]
+
+
+def test_failures_plugin_writes_each_failure_once_under_xdist(tmp_path):
+    """tools/pytest_failures_plugin.py (what tools/gpu_session.sh loads): with two xdist
+    workers, the failing test and the failing fixture are in the log once each, with their
+    tracebacks; the passing test is not."""
+    (tmp_path / "test_probe.py").write_text(
+        "import pytest\n\n"
+        "@pytest.fixture\ndef broken():\n    raise RuntimeError('fixture-broke')\n\n"
+        "def test_ok():\n    assert True\n\n"
+        "def test_bad():\n    assert 1 == 2, 'one-is-not-two'\n\n"
+        "def test_setup(broken):\n    pass\n"
+    )
+    log = tmp_path / "failures.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tools"), env.get("PYTHONPATH", "")])
+    env["GPU_SESSION_FAILURES_LOG"] = str(log)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p",
+         "pytest_failures_plugin", "-n", "2", "test_probe.py"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    text = log.read_text()
+    heads = [ln for ln in text.splitlines() if ln.startswith("#### ")]
+    assert len(heads) == 2, text
+    assert any(h.startswith("#### FAILED test_probe.py::test_bad (call)") for h in heads), heads
+    assert any(h.startswith("#### ERROR test_probe.py::test_setup (setup)") for h in heads), heads
+    assert "one-is-not-two" in text and "fixture-broke" in text and "test_ok" not in text
