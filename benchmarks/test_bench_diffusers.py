@@ -63,6 +63,7 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers.optimization import get_scheduler  # noqa: E402
 from diffusers.training_utils import EMAModel  # noqa: E402
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
+from test_bench_train_sample import assert_graph_replayed  # noqa: E402
 
 from fastdiff import load  # noqa: E402
 from fastdiff.low_precision import sampling_model  # noqa: E402
@@ -345,15 +346,6 @@ def _fastdiff(case: Case, path, dev):
                            batch_size=case.n, cuda_graph=graph, strict=graph)  # fmt: skip
 
     return fn, sampler
-
-
-def assert_graph_replayed(sampler, batch: int) -> None:
-    """The timed calls replayed a captured graph for this batch size, not the eager chain:
-    no capture failed (``SamplerRunner.graph_failed``, set when one does: the sampler runs
-    eagerly from then on) and the batch's graph is cached (``SamplerRunner._graphs``).
-    ``strict=True`` already raises on a fallback; this also catches one that bypassed it."""
-    assert not sampler.graph_failed, "the sampling graph's capture failed: eager was timed"
-    assert batch in sampler._graphs, f"no sampling graph was captured for batch {batch}"
 
 
 def _diffusers(case: Case, path, dev):
