@@ -186,7 +186,7 @@ def collected_many(tmp_path: Path, queries: list[tuple[str, str]]) -> list[set[s
 
 def test_bench_parts_select_the_cuda_cases_once(tmp_path):
     """The parts' -k expressions (CUDA cases are collected, then skipped, on a CPU): the
-    default parts pick the op table (without the sampler-step ops), the 6 core training cases,
+    default parts pick the op table (without the sampler-step ops), the 8 core training cases,
     every CUDA sampling case (guided too) and every diffusers anchor; with --full's parts,
     every CUDA training case and every CUDA op case is in exactly one part."""
     gpu_check = _gpu_check()
@@ -209,7 +209,11 @@ def test_bench_parts_select_the_cuda_cases_once(tmp_path):
     assert all(got.values()), got
     assert all("cuda" in i for ids in got.values() for i in ids)
     core = got["bench-train"]
-    assert len(core) == 6 and all("bf16-channels_last" in i for i in core), core
+    assert len(core) == 8 and all("channels_last" in i for i in core), core
+    assert {i for i in core if "bf16" not in i} == {
+        f"test_train_step[cuda-cifar10-b128-{p}-channels_last-fastdiff_graph]"
+        for p in ("fp32", "fp16")
+    }
     more, compiled = got["bench-train-more"], got["bench-compile"]
     assert core | more | compiled == train
     assert not (core & more or core & compiled or more & compiled)
