@@ -268,6 +268,11 @@ def layout_args(x: torch.Tensor, seeded: bool = True) -> dict:
     )
     warps = max(1, min(MAX_WARPS, rows // (32 * rows_per_thread)))
     blocks = triton.cdiv(rows_needed, rows) if n_per else 0
+    if n_per + rows * W * nch > 2**31 - 1:  # offsets within a sample are int32 in the kernels
+        raise ValueError(
+            f"x: {n_per} elements per sample (shape {tuple(x.shape)}) is more than the fused"
+            f" kernels' 32-bit offsets within a sample allow ({2**31 - 1 - rows * W * nch})"
+        )
     return {
         "n_per": n_per,
         "C": C,

@@ -232,3 +232,15 @@ def test_q_sample_and_noise_loss_share_eps(triton_backend, layout):
     torch.testing.assert_close(
         ops.noise_loss(zero, t, seed=42), eps.square().mean(), rtol=1e-4, atol=0
     )
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_a_sample_beyond_int32_offsets_is_refused_before_launch(layout):
+    """Offsets within one sample are int32 in the kernels: a sample whose elements (plus one
+    tile) pass 2**31 - 1 is refused with an error naming x; the largest that fits is not.
+    Meta tensors: nothing is allocated."""
+    big = with_layout(torch.empty((1, 3, 26800, 26800), device="meta"), layout)  # 2.15e9
+    with pytest.raises(ValueError, match=r"^x: 2154720000 elements per sample"):
+        common.layout_args(big)
+    fits = with_layout(torch.empty((2, 3, 26000, 26000), device="meta"), layout)  # 2.03e9
+    assert common.layout_args(fits)["n_per"] == 3 * 26000 * 26000
