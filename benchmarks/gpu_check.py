@@ -19,19 +19,18 @@ a hang or a crash in one part still leaves the others' results:
    ``bench-ops`` (device time, GB/s, % of copy and of a 1 GiB copy, x eager: the noising,
    loss and reverse-step ops and GroupNorm+SiLU), ``bench-train`` (the training step, bf16
    channels_last: graph / eager / eager torch, cifar10 and digits presets; the cifar10 graph
-   also in fp32 and fp16), ``bench-sample``
-   (s/step against batch size, and guided against unguided), ``bench-diffusers`` (the
-   anchors: diffusers' sampling loop with fp32 weights, under autocast and with bf16 weights,
-   and its example and tuned training loops at equal parameters).  With ``--full`` also the
+   also in fp32 and fp16), ``bench-diffusers`` (the anchors: diffusers' example and tuned
+   training loops at equal parameters, its sampling loop with fp32 weights, under autocast
+   and with bf16 weights, beside fastdiff sampling the same pipeline), ``bench-sample``
+   (s/step against batch size, and guided against unguided).  With ``--full`` also the
    jobs ``digits-job`` (``fastdiff train --device cuda``, the default job, timed from its
    metrics.jsonl) and ``profile`` (benchmarks/gpu_profile.py: kernels, device and host time
    per step), then ``bench-train-more`` (the other fp32, fp16 and contiguous cases),
    ``bench-ops-samplers`` (the DDIM / DPM-Solver++ step ops) and ``bench-compile``
-   (compile=True).  ``--parts A,B``
-   runs the named parts in that order instead (e.g. a second, short GPU call:
-   ``--parts digits-job,profile``).  Benchmarks are summarised as one row each (median time
-   and the extra_info figures: GB/s, % of copy, images/s, ms/step; "FAILED" after the name
-   when the test failed after timing).
+   (compile=True).  ``--parts A,B`` runs the named parts in that order instead, without the
+   graph check (e.g. a second, short GPU call: ``--parts profile,digits-job``).  Benchmarks
+   are summarised as one row each (median time and the extra_info figures: GB/s, % of copy,
+   images/s, ms/step; "FAILED" after the name when the test failed after timing).
    ``--bench-k EXPR`` instead runs one part, ``bench``: all of benchmarks/ with ``-k EXPR``.
    Each benchmark's row is appended to ``<part>.rows.jsonl`` as soon as it has run
    (benchmarks/conftest.py, ``FASTDIFF_BENCH_ROWS``), so a part killed at its time limit keeps
@@ -85,9 +84,10 @@ CUDA_TESTS = [
 #: ``--smoke`` (CPU) keeps to these of them: the CUDA-only tests there are skipped.
 SMOKE_K = "cuda_graph or hot_loop"
 #: (part, benchmark file, pytest -k, seconds at most), most wanted first: the fused ops, the
-#: training step, fastdiff's sampling (unguided and guided) and the diffusers anchors (its
-#: sampling loops and training loops at equal parameters), so that one call of tools/gpu_session.sh
-#: (the suite, then these) measures every ratio of the issue in one run.
+#: training step, the diffusers anchors (its training loops at equal parameters and its
+#: sampling loops, with fastdiff's sampling of the same pipeline) and fastdiff's sampling
+#: against batch size (unguided and guided), so that one call of tools/gpu_session.sh (the
+#: suite, then these) measures every ratio of the issue in one run.
 #: The training part: every side in bf16 channels_last, and the captured cifar10 step in fp32
 #: and fp16 too (the issue's "precisions differ": a host-bound step would not).
 _TRAIN_CORE = (
@@ -97,9 +97,9 @@ _TRAIN_CORE = (
 BENCH_PARTS = [
     ("bench-ops", "test_bench_ops.py", "cuda and not sampler_step", 80),
     ("bench-train", "test_bench_train_sample.py", _TRAIN_CORE, 100),
+    ("bench-diffusers", "test_bench_diffusers.py", "cuda", 100),
     ("bench-sample", "test_bench_train_sample.py",
      "(test_sample or test_guided_sample) and cuda", 70),
-    ("bench-diffusers", "test_bench_diffusers.py", "cuda", 100),
 ]  # fmt: skip
 #: What ``--full`` adds after them (and the JOB_PARTS, which run first of these).
 FULL_PARTS = [
@@ -111,6 +111,8 @@ FULL_PARTS = [
 #: Parts that are not benchmarks (``--full``, or by name with ``--parts``): the default job as
 #: users run it, and the profile of the steps (benchmarks/gpu_profile.py).  Seconds at most.
 JOB_PARTS = {"digits-job": 120, "profile": 90}
+#: The default job's steps (``fastdiff train``): digits_job_figures says whether it got there.
+JOB_STEPS = 5000
 #: A part is not started with less time than this left: importing torch, starting CUDA and
 #: collecting tests alone take ~10-20 s, so a shorter part could only fail.
 MIN_PART_S = 30.0
@@ -248,7 +250,7 @@ def read_rows(rows_file: Path) -> list[dict]:
         info = dict(b.get("extra_info") or {})
         if "s_per_step" in info and "ms_per_step" not in info:
             info["ms_per_step"] = info["s_per_step"] * 1e3
-        failed = b.get("outcome", "passed") != "passed"
+        failed = b.get("outcome", "passed") in ("failed", "error")
         rows.append({"name": b["name"], "median": b.get("median"), "info": info, "failed": failed})
     return rows
 
@@ -302,7 +304,7 @@ def job_command(name: str, py: str, out: Path, smoke: bool) -> list[str]:
     if name == "digits-job":
         run_dir = out / "digits-job"
         shutil.rmtree(run_dir, ignore_errors=True)  # an earlier run's metrics are no result
-        cmd = [py, "-m", "fastdiff", "train", "--out", str(run_dir)]
+        cmd = [py, "-m", "fastdiff", "train", "--out", str(run_dir), "--no-progress"]
         cmd += ["--device", "cpu", "--steps", "20", "--log-every", "5"] if smoke else [
             "--device", "cuda"]  # fmt: skip
         return cmd
@@ -313,8 +315,9 @@ def digits_job_figures(run_dir: Path) -> dict:
     """Training time of the default job from its metrics.jsonl (one line per log window with
     ``step``, ``images_per_s`` and the unix ``time`` at its end): ``train_s`` from the first
     window's end to the last's plus the first window's own length (steps x batch / images_per_s
-    with batch = 64, the default job's), ``steps``, and the last window's images/s.  A run cut
-    by its time limit still gives what it reached."""
+    with batch = 64, the default job's), ``steps``, the last window's images/s and whether
+    it reached JOB_STEPS.  A run cut by its time limit still gives what it reached, and the
+    time the whole job would take at its pace (``projected_train_s``)."""
     path = run_dir / "metrics.jsonl"
     windows = []
     if path.exists():
@@ -329,11 +332,16 @@ def digits_job_figures(run_dir: Path) -> dict:
         return {"steps": 0}
     first, last = windows[0], windows[-1]
     first_s = first["step"] * 64 / first["images_per_s"]
-    return {
+    train_s = last["time"] - first["time"] + first_s
+    figures = {
         "steps": last["step"],
-        "train_s": round(last["time"] - first["time"] + first_s, 2),
+        "train_s": round(train_s, 2),
         "last_images_per_s": round(last["images_per_s"], 1),
+        "complete": last["step"] >= JOB_STEPS,
     }
+    if not figures["complete"]:  # cut by its time limit: what the whole job would take
+        figures["projected_train_s"] = round(train_s * JOB_STEPS / last["step"], 1)
+    return figures
 
 
 PROFILE_HEADER = ["profile case", "host ms/step", "wall ms/step", "kernels/step",
@@ -356,9 +364,10 @@ def profile_rows(log: Path) -> list[list[str]]:
             rows.append([r.get("case", "?"), "ERROR", r["error"][:60], "", "", ""])
             continue
         top = r["top"][0] if r["top"] else None
+        odd = " (device > wall?)" if r["device_ms_per_step"] > 1.05 * r["wall_ms_per_step"] else ""
         rows.append([
             r["case"], f"{r['host_ms_per_step']:.3f}", f"{r['wall_ms_per_step']:.3f}",
-            f"{r['kernels_per_step']:g}", f"{r['device_ms_per_step']:.3f}",
+            f"{r['kernels_per_step']:g}", f"{r['device_ms_per_step']:.3f}{odd}",
             f"{top['kernel'][:40]} ({top['ms_per_step']:.3f})" if top else "",
         ])  # fmt: skip
     return rows
@@ -368,7 +377,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="gpu_check_out", help="log directory [gpu_check_out]")
     parser.add_argument(
-        "--budget-s", type=float, default=None, help="total time limit [290; --full: 600]"
+        "--budget-s", type=float, default=None, help="total time limit [335; --full: 900]"
     )
     parser.add_argument(
         "--bench-k", default=None, help="one benchmark part: all of benchmarks/ with pytest -k"
@@ -380,7 +389,7 @@ def main(argv=None) -> int:
         "--parts",
         type=_parts_arg,
         default=None,
-        help="comma-separated parts to run, in this order (after env and graph) "
+        help="comma-separated parts to run, in this order (after env; no graph check) "
         f"[default: {','.join(part_names(False))}; --full: all]",
     )
     parser.add_argument("--smoke", action="store_true", help="run the parts on the CPU, small")
@@ -419,15 +428,9 @@ def main(argv=None) -> int:
         ]
         if not args.skip_tests:
             results.append(run_part("tests", test_cmd, out, left(150), cwd))
-        results.append(
-            run_part(
-                "graph",
-                [py, "-c", GRAPH_CHECK, device, "tiny" if args.smoke else "digits"],
-                out,
-                left(60),
-                cwd,
-            )
-        )
+        if not args.parts:  # --parts (e.g. a short second GPU call) runs the named parts only
+            graph_cmd = [py, "-c", GRAPH_CHECK, device, "tiny" if args.smoke else "digits"]
+            results.append(run_part("graph", graph_cmd, out, left(60), cwd))
         bench_parts = {name: (path, k, share) for name, path, k, share in BENCH_PARTS + FULL_PARTS}
         if bench_k is not None:
             names = ["bench"]
@@ -459,8 +462,9 @@ def main(argv=None) -> int:
 
     notes = {
         "env": ", ".join(f"{k}={v}" for k, v in env.items()),
-        "graph": json.dumps(last_json_line(out / "graph.log")),
     }
+    if not args.parts:
+        notes["graph"] = json.dumps(last_json_line(out / "graph.log"))
     if "digits-job" in jobs:
         notes["digits-job"] = json.dumps(digits_job_figures(out / "digits-job"))
     if "profile" in jobs:

@@ -14,9 +14,11 @@ cifar10 sampling step at n = 256 from the captured sampler) it prints one JSON l
 * ``top``: the kernels with the largest device time per step (name truncated, ms per step,
   calls per step).
 
-Reading it: wall ~ device means the GPU is the limit (look at ``top``); wall ~ host with
-device well below means the step is host-bound (the graph is meant to remove that); kernels
-per step against the eager case says how much the graph and the fused kernels merged.
+Reading it: device above wall means the trace is wrong (profiling replayed CUDA graphs has
+had CUPTI bugs; gpu_check marks such rows "device > wall?"); wall ~ device means the GPU is
+the limit (look at ``top``); wall ~ host with device well below means the step is host-bound
+(the graph is meant to remove that); kernels per step against the eager case says how much
+the graph and the fused kernels merged.
 ``--smoke`` runs small cases on the CPU (how tests/test_gpu_check.py checks this script):
 there is no device time, so the kernel figures are 0.
 """
@@ -116,10 +118,13 @@ def sample_step_fn(case: Case):
 
 def kernel_table(events, calls: int) -> tuple[int, float, list[dict]]:
     """(kernels per call, device ms per call, the TOP kernels by device time) from the
-    profiler's events: every event that ran on a CUDA device."""
+    profiler's events: every event that ran on a CUDA device (kernels, copies, memsets), but
+    not the device-side copies of user annotations."""
     per_name: dict[str, list[float]] = {}
     for e in events:
-        if e.device_type == DeviceType.CUDA:
+        # A CUDA-side event that is a user annotation (e.g. the optimizer's record_function
+        # "Optimizer.step#AdamW.step") spans kernels: counting it would count them twice.
+        if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False):
             per_name.setdefault(e.name, []).append(e.time_range.elapsed_us())
     count = sum(len(v) for v in per_name.values())
     total_us = sum(sum(v) for v in per_name.values())
@@ -154,6 +159,8 @@ def profile_case(name: str, what: str, case: Case, steps: int) -> dict:
         _sync(dev)
     n = steps * per_call
     kernels, device_ms, top = kernel_table(prof.events(), n)
+    if dev.type == "cuda" and kernels == 0:  # no device trace (e.g. CUPTI missed the replays)
+        raise RuntimeError("the profiler recorded no device events: no kernel figures")
     return {
         "case": name, "what": what, "preset": case.preset, "batch": case.batch,
         "impl": case.impl, "precision": case.precision, "steps": n,

@@ -60,8 +60,6 @@ import torch.nn.functional as F
 
 diffusers = pytest.importorskip("diffusers")
 
-from diffusers.optimization import get_scheduler  # noqa: E402
-from diffusers.training_utils import EMAModel  # noqa: E402
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 from test_bench_train_sample import assert_graph_replayed  # noqa: E402
 
@@ -221,6 +219,14 @@ class DiffusersTrainer:
     tuned variant (``diffusers_tuned``); see the module docstring."""
 
     def __init__(self, case: TrainCase, dev: torch.device):
+        # Here, not at the module's top: diffusers.training_utils imports transformers,
+        # accelerate, peft and torchvision where they are installed (the GPU machine has them);
+        # should one of those fail to import, only the training anchors skip, not the sampling.
+        try:
+            from diffusers.optimization import get_scheduler
+            from diffusers.training_utils import EMAModel
+        except Exception as exc:  # noqa: BLE001 - any import failure of those optional stacks
+            pytest.skip(f"diffusers' training utilities do not import: {exc!r}"[:300])
         torch.manual_seed(SEED)
         config = CIFAR10_UNET if case.model == "cifar10" else SMALL_UNET
         fmt = torch.channels_last if case.channels_last else torch.contiguous_format

@@ -138,8 +138,8 @@ def _cuda_train(impl, precision="bf16", channels_last=True, **kw):
     warm-up steps and its capture in the first; the first replays in the second), 3 with
     compile=True (torch.compile's compilation and recompilations).  A cifar10 call is ~0.4 s
     on an H200, with a small spread between calls (the host runs ahead of the GPU): 10 give a
-    stable median, and the 6 CUDA cases of benchmarks/gpu_check.py's bench-train part fit its
-    90 s."""
+    stable median, and the 8 CUDA cases of benchmarks/gpu_check.py's bench-train part fit its
+    100 s."""
     warmup = 3 if kw.get("compile") else 2
     return _cuda(impl, precision, channels_last, 10, warmup, steps_per_call=10, **kw)
 
@@ -174,8 +174,8 @@ TRAIN_CASES = [
 
 #: CUDA sampling: 6 timed calls after 2 warm-up calls (the graph's capture, Triton's and
 #: cuDNN's first calls).  A call is at most ~0.4 s on an H200 (n = 256; a graph replay or a
-#: fixed eager loop, little spread), so the 9 cases of benchmarks/gpu_check.py's bench-sample
-#: part fit its 60 s with the start-up.
+#: fixed eager loop, little spread), so the 13 cases (9 sampling, 4 guided) of
+#: benchmarks/gpu_check.py's bench-sample part fit its 70 s with the start-up.
 SAMPLE_CUDA_ROUNDS = (6, 2)
 
 #: One call = SAMPLE_T denoising steps (CPU: ~1.3 s per call on 2 idle cores).

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -64,14 +66,18 @@ def test_bench_rows_read_what_a_killed_part_left(tmp_path):
 
 
 def test_a_failed_benchmark_row_is_marked(tmp_path):
-    """A row whose test failed after timing (e.g. a fallback found) is named FAILED."""
+    """A row whose test failed after timing (e.g. a fallback found) or whose set-up failed is
+    named FAILED; a test that skipped itself is not."""
     gpu_check = _gpu_check()
     rows_file = tmp_path / "part.rows.jsonl"
     rows_file.write_text(
         '{"name": "ok", "median": 0.001, "extra_info": {}, "outcome": "passed"}\n'
         '{"name": "bad", "median": 0.001, "extra_info": {}, "outcome": "failed"}\n'
+        '{"name": "unset", "median": null, "extra_info": {}, "outcome": "error"}\n'
+        '{"name": "skip", "median": null, "extra_info": {}, "outcome": "skipped"}\n'
     )
-    assert [r[0] for r in gpu_check.bench_rows(rows_file)] == ["ok", "bad FAILED"]
+    names = [r[0] for r in gpu_check.bench_rows(rows_file)]
+    assert names == ["ok", "bad FAILED", "unset FAILED", "skip"]
 
 
 def test_job_parts_run_the_default_job_and_the_profile(tmp_path):
@@ -94,16 +100,15 @@ def test_job_parts_run_the_default_job_and_the_profile(tmp_path):
 
 def test_parts_option_rejects_an_unknown_part(capsys):
     gpu_check = _gpu_check()
-    try:
+    with pytest.raises(SystemExit) as exc:
         gpu_check.main(["--parts", "bench-ops,bench-nope"])
-    except SystemExit as exc:
-        assert exc.code == 2
-    assert "bench-nope" in capsys.readouterr().err
+    assert exc.value.code == 2 and "bench-nope" in capsys.readouterr().err
 
 
 def test_digits_job_figures_from_metrics(tmp_path):
     """train_s = last window's end - first window's end + the first window's own length
-    (50 steps x 64 images / its images/s); a run without windows reports 0 steps."""
+    (50 steps x 64 images / its images/s); a job cut before 5000 steps also says what the
+    whole would take at its pace; a run without windows reports 0 steps."""
     gpu_check = _gpu_check()
     assert gpu_check.digits_job_figures(tmp_path) == {"steps": 0}
     (tmp_path / "metrics.jsonl").write_text(
@@ -112,12 +117,18 @@ def test_digits_job_figures_from_metrics(tmp_path):
         '{"event": "checkpoint"}\n'
     )
     got = gpu_check.digits_job_figures(tmp_path)
-    assert got == {"steps": 100, "train_s": 3.0, "last_images_per_s": 3200.0}
+    assert got == {"steps": 100, "train_s": 3.0, "last_images_per_s": 3200.0,
+                   "complete": False, "projected_train_s": 150.0}  # fmt: skip
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5000, "images_per_s": 3200.0, "time": 1099.0}\n')
+    got = gpu_check.digits_job_figures(tmp_path)
+    assert got["complete"] and got["train_s"] == 101.0 and "projected_train_s" not in got
 
 
 def test_profile_kernel_table_counts_device_events_only():
-    """gpu_profile.kernel_table over hand-made events: CPU events are ignored; per call, the
-    kernel count, the summed device time, and the kernels ranked by their total time."""
+    """gpu_profile.kernel_table over hand-made events: CPU events and device-side user
+    annotations are ignored; per call, the kernel count, the summed device time, and the
+    kernels ranked by their total time."""
     from types import SimpleNamespace
 
     from torch.autograd import DeviceType
@@ -132,8 +143,11 @@ def test_profile_kernel_table_counts_device_events_only():
         return SimpleNamespace(name=name, device_type=dev,
                                time_range=SimpleNamespace(elapsed_us=lambda: us))  # fmt: skip
 
+    annotation = ev("Optimizer.step#AdamW.step", 900.0)  # its device-side copy spans kernels
+    annotation.is_user_annotation = True
     events = [ev("gemm", 300.0), ev("gemm", 300.0), ev("norm", 100.0), ev("norm", 100.0),
-              ev("norm", 100.0), ev("aten::conv2d", 5000.0, DeviceType.CPU)]  # fmt: skip
+              ev("norm", 100.0), ev("aten::conv2d", 5000.0, DeviceType.CPU),
+              annotation]  # fmt: skip
     count, device_ms, top = gpu_profile.kernel_table(events, calls=2)
     assert count == 2.5 and device_ms == 0.45
     assert [(r["kernel"], r["ms_per_step"], r["calls_per_step"]) for r in top] == [

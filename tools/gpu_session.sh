@@ -52,8 +52,9 @@
 # then --full's digits job, profile, ...).
 # SUITE_K selects tests with pytest -k (a rerun: SUITE_K="name or name" CHECK_S=0, which skips
 # gpu_check).  A second, short call on the still-warm machine for what did not fit:
-#   SUITE_S=0 GPU_CHECK_PARTS=digits-job,profile TOTAL_S=200 bash tools/gpu_session.sh run
-# (SUITE_S=0 skips the suite; GPU_CHECK_PARTS runs gpu_check --parts instead of --full).
+#   SUITE_S=0 GPU_CHECK_PARTS=profile,digits-job TOTAL_S=200 bash tools/gpu_session.sh run
+# (SUITE_S=0 skips the suite; GPU_CHECK_PARTS runs gpu_check --parts instead of --full;
+# set TOTAL_S to the device time left minus ~30 s, from the device tool's status).
 # DRY_RUN=1 checks the plumbing on a machine without a GPU (gpu_check --smoke), e.g.
 #   DRY_RUN=1 SUITE_K=test_dispatch_rules SUITE_WORKERS=0 OUT=/tmp/o bash tools/gpu_session.sh run
 set -uo pipefail
@@ -440,6 +441,12 @@ except Exception as exc:  # the diffusers tests and benchmarks then skip themsel
     first = (str(exc).strip().splitlines() or [""])[0][:200]
     print(f"{'note' if dry else 'WARNING'}: diffusers NOT importable ({type(exc).__name__}:"
           f" {first}): tests/test_diffusers.py and the diffusers benchmarks skip themselves")
+try:  # the training anchors' imports (transformers, accelerate, peft where installed)
+    from diffusers.optimization import get_scheduler  # noqa: F401
+    from diffusers.training_utils import EMAModel  # noqa: F401
+except Exception as exc:
+    print(f"{'note' if dry else 'WARNING'}: diffusers.training_utils NOT importable"
+          f" ({type(exc).__name__}: {str(exc)[:160]}): the diffusers training anchors skip")
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print("device:", p.name, f"sm{p.major}{p.minor}", f"{p.total_memory / 2**30:.0f} GiB")
