@@ -336,6 +336,7 @@ def test_failures_plugin_writes_each_failure_once_under_xdist(tmp_path):
     """tools/pytest_failures_plugin.py (what tools/gpu_session.sh loads): with two xdist
     workers, the failing test and the failing fixture are in the log once each, with their
     tracebacks; the passing test is not."""
+    # The probe: one passing test (which must not be logged), one failing, one set-up error.
     (tmp_path / "test_probe.py").write_text(
         "import pytest\n\n"
         "@pytest.fixture\ndef broken():\n    raise RuntimeError('fixture-broke')\n\n"
