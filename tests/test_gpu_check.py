@@ -340,7 +340,7 @@ def test_failures_plugin_writes_each_failure_once_under_xdist(tmp_path):
     (tmp_path / "test_probe.py").write_text(
         "import pytest\n\n"
         "@pytest.fixture\ndef broken():\n    raise RuntimeError('fixture-broke')\n\n"
-        "def test_ok():\n    assert True\n\n"
+        "def test_ok():\n    assert 2 + 2 == 4\n\n"
         "def test_bad():\n    assert 1 == 2, 'one-is-not-two'\n\n"
         "def test_setup(broken):\n    pass\n"
     )
