@@ -483,6 +483,7 @@ class _Run:
         # The class-dropout draws (conditional runs): a generator of their own, registered
         # with the captured step like t_gen, and checkpointed for exact resume.
         self.label_gen = torch.Generator(device=device).manual_seed(rank_seed + 2)
+        self._generator_seeds = {"t_generator": rank_seed + 1, "label_generator": rank_seed + 2}
         self.step = 0
         self.seed_buf = torch.zeros(1, dtype=torch.long, device=device)
         self.losses = torch.zeros(cfg.log_every, dtype=torch.float32, device=device)
@@ -864,9 +865,12 @@ class _Run:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         mine = state["ranks"][self.dist.rank]
-        self.t_gen.set_state(mine["t_generator"])
+        step = int(state["step"])
+        self._restore_generator(self.t_gen, mine["t_generator"], "t_generator", step)
         if "label_generator" in mine:
-            self.label_gen.set_state(mine["label_generator"])
+            self._restore_generator(
+                self.label_gen, mine["label_generator"], "label_generator", step
+            )
         torch.set_rng_state(mine["torch_rng"])
         if "cuda_rng" in mine and self.device.type == "cuda":
             torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
@@ -875,6 +879,26 @@ class _Run:
         self.step = int(state["step"])
         self.restored_from = directory
         return directory
+
+    def _restore_generator(
+        self, gen: torch.Generator, state: torch.Tensor, name: str, step: int
+    ) -> None:
+        """Set ``gen`` to a checkpoint's state, or, when that state was written by a generator
+        of another device type (a CPU run resumed on CUDA or back: a CPU generator's state is
+        5056 bytes, a CUDA one's 16, and ``set_state`` refuses the other's), reseed it from
+        the run's seed and the step, so that the resumed run is still deterministic.  Only
+        that stream then differs from an uninterrupted run; a resume on another device is not
+        bit-exact anyway."""
+        if state.numel() == gen.get_state().numel():
+            gen.set_state(state)
+            return
+        gen.manual_seed(self._generator_seeds[name] + (step << 32))
+        if self.dist.is_main:
+            logger.warning(
+                f"fastdiff: the checkpoint's {name} state comes from another device type than "
+                f"{self.device.type!r}; reseeded at step {step} (resume is exact only on the "
+                "device type the run started on)"
+            )
 
     def _batches_of_kind(self, kind) -> None:
         """Take the batch source kind a checkpoint was saved by: in-memory or streamed was

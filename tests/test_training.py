@@ -2,7 +2,9 @@
 
 import contextlib
 import json
+import logging
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -59,6 +61,39 @@ def test_resume_is_exact(tmp_path):
     steps = [json.loads(line)["step"] for line in open(tmp_path / "b" / "metrics.jsonl")]
     assert steps == [3, 6, 9, 10]
     assert (tmp_path / "b" / "samples.png").is_file()
+
+
+def test_a_checkpoint_from_another_device_type_resumes_deterministically(
+    tmp_path, monkeypatch, caplog
+):
+    """A CPU run resumed on CUDA (or back) brings generator states of the other kind: a CUDA
+    generator's state is 16 bytes, a CPU one's 5056, and set_state refuses the other's.  The
+    resume reseeds those two streams (one warning naming each) instead of failing, restores
+    the rest, and stays deterministic."""
+    data = tiny_data()
+    kw = dict(batch_size=8, log_every=3, checkpoint_every=4, lr=1e-3, n_samples=2, **TINY)
+    saved = training._Run.rank_state
+
+    def from_a_cuda_run(self):
+        state = saved(self)
+        for name in ("t_generator", "label_generator"):
+            state[name] = torch.zeros(16, dtype=torch.uint8)  # a CUDA Philox state's size
+        return state
+
+    with monkeypatch.context() as m:
+        m.setattr(training._Run, "rank_state", from_a_cuda_run)
+        fastdiff.train(data, steps=6, out_dir=tmp_path / "a", **kw)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    with caplog.at_level(logging.WARNING, logger="fastdiff"):
+        resumed = fastdiff.train(data, steps=10, out_dir=tmp_path / "a", resume=True, **kw)
+    warned = [r.getMessage() for r in caplog.records if "another device type" in r.getMessage()]
+    assert len(warned) == 2 and "t_generator" in warned[0] and "label_generator" in warned[1]
+    again = fastdiff.train(data, steps=10, out_dir=tmp_path / "b", resume=True, **kw)
+    for name in ("model", "ema_model"):
+        want, got = params(getattr(resumed, name)), params(getattr(again, name))
+        assert all(torch.equal(want[k], got[k]) for k in want), name
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "a" / "metrics.jsonl")]
+    assert steps == [3, 6, 9, 10]
 
 
 def test_resume_keeps_the_batch_source_its_checkpoint_was_saved_by(tmp_path, monkeypatch):
