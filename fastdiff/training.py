@@ -479,11 +479,13 @@ class _Run:
         )  # fmt: skip
         self.scaler = torch.amp.GradScaler(device.type, enabled=prec.grad_scaling)
         self.ema = EMA(model, cfg.ema_decay, cfg.ema_power)
-        self.t_gen = torch.Generator(device=device).manual_seed(rank_seed + 1)
+        # Seeds by checkpoint key; a resume on another device type reseeds from them.
+        self._generator_seeds = {"t_generator": rank_seed + 1, "label_generator": rank_seed + 2}
+        seeds = self._generator_seeds
+        self.t_gen = torch.Generator(device=device).manual_seed(seeds["t_generator"])
         # The class-dropout draws (conditional runs): a generator of their own, registered
         # with the captured step like t_gen, and checkpointed for exact resume.
-        self.label_gen = torch.Generator(device=device).manual_seed(rank_seed + 2)
-        self._generator_seeds = {"t_generator": rank_seed + 1, "label_generator": rank_seed + 2}
+        self.label_gen = torch.Generator(device=device).manual_seed(seeds["label_generator"])
         self.step = 0
         self.seed_buf = torch.zeros(1, dtype=torch.long, device=device)
         self.losses = torch.zeros(cfg.log_every, dtype=torch.float32, device=device)
